@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh machine: a virtual environment in .venv with everything the
+# project needs. Safe to re-run. Set TORCH_SPEC to install another torch build first
+# (e.g. a CUDA wheel on a GPU box); the default is the CPU build 2.13.0.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+. .venv/bin/activate
+python -m pip install --quiet --upgrade pip
+# torch first: a bare "torch" requirement with no torch installed would pull the CUDA wheels.
+python -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
+python -m pip install --quiet -e ".[dev]"
+# The phantom reads the MNI152 tissue maps shipped inside the nilearn wheel by path;
+# nilearn's own dependencies (pandas, sklearn pins, requests...) are not needed.
+python -m pip install --quiet --no-deps "nilearn>=0.10"
+python -c "import torch, ray, optuna, nibabel; print(f'ready: torch {torch.__version__}, ray {ray.__version__}, optuna {optuna.__version__}')"

@@ -1,0 +1,219 @@
+"""Preprocess once, read many times: a directory of float16 ``.npy`` cubes and a manifest.
+
+Layout of a cache directory::
+
+    <id>.npy        float16 C-contiguous [C, N, N, N], one per subject
+    <id>.json       the entry: params hash, source files (path, size, mtime_ns), geometry, stats
+    manifest.json   the preprocessing parameters, their hash and every entry; written last
+
+Every file is written to a temporary file in the same directory and moved into place with
+``os.replace``, so a reader never sees half a file. The per-subject JSON is written after
+its ``.npy``, which makes an interrupted run resumable: the next run keeps every entry whose
+params hash and source files (size, mtime) still match and redoes the rest. The manifest is
+removed before anything changes and rewritten at the end, so a manifest always describes
+the files beside it. One writer per cache directory at a time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+import numpy as np
+
+from .checks import check_subject, map_subjects
+from .discovery import DataError, Problem, Subject, scan
+from .preprocess import PreprocessParams, preprocess_subject
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+_TEMP_SUFFIX = ".tmp"
+
+
+@dataclass
+class Manifest:
+    """The contents of ``manifest.json``: what every cached array is and where it came from."""
+
+    params: PreprocessParams
+    entries: dict[str, dict[str, Any]]  # subject id -> {"file", "sources", "seg", "info"}
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # subject id -> its problems
+    root: str = ""  # the discovered source, for the record
+    reused: list[str] = field(default_factory=list, compare=False)  # this run only; not saved
+
+    @property
+    def subject_ids(self) -> list[str]:
+        return list(self.entries)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """``[C, N, N, N]`` of every cached array."""
+        return (len(self.params.modalities),) + (self.params.size,) * 3
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION,
+            "root": self.root,
+            "params": self.params.to_dict(),
+            "params_hash": self.params.hash,
+            "shape": list(self.shape),
+            "dtype": "float16",
+            "subjects": self.entries,
+            "skipped": self.skipped,
+        }
+
+    @classmethod
+    def load(cls, cache_dir: str | Path) -> "Manifest":
+        path = Path(cache_dir) / MANIFEST
+        if not path.is_file():
+            raise DataError(
+                f"no {MANIFEST}; build the cache with `python -m vae.data prepare ROOT --out {cache_dir} --size N`",
+                cache_dir,
+            )
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") != FORMAT_VERSION:
+                raise ValueError(f"format {data.get('format')!r}, expected {FORMAT_VERSION}")
+            return cls(PreprocessParams.from_dict(data["params"]), data["subjects"], data["skipped"], data["root"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise DataError(f"unreadable manifest ({err}); prepare the cache again", path) from None
+
+
+def is_cache(path: str | Path) -> bool:
+    """Whether ``path`` is a prepared cache directory (rather than raw NIfTI data)."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+def prepare(
+    root: str | Path,
+    out: str | Path,
+    params: PreprocessParams,
+    workers: int = 1,
+    skip_bad: bool = False,
+    progress: bool = False,
+) -> Manifest:
+    """Preprocess every subject under ``root`` into the cache directory ``out``; return its manifest.
+
+    Subjects whose cache entry is current (same params hash, same source sizes and mtimes) are
+    reused untouched; the others are checked (:func:`~vae.data.checks.check_subject`) and then
+    preprocessed in ``workers`` processes. Any problem raises :class:`DataError` listing every
+    one, before anything is written -- unless ``skip_bad``, which leaves those subjects out and
+    records them under ``skipped``.
+    """
+    out = Path(out)
+    subjects, problems = scan(root, params.modalities)
+    incomplete = {p.subject for p in problems}
+    todo = [s for s in subjects if s.id in incomplete or not _entry_is_current(out, s, params.hash)]
+    for found in map_subjects(check_subject, todo, workers, "check", progress):
+        problems += found
+    _raise_unless_skippable(problems, skip_bad, "nothing was written")
+    bad = {p.subject for p in problems}
+    subjects, todo = ([s for s in group if s.id not in bad] for group in (subjects, todo))
+    if not subjects:
+        raise DataError("\n".join([str(p) for p in problems] + [f"{root}: every subject has a problem"]))
+
+    out.mkdir(parents=True, exist_ok=True)
+    for stray in out.glob(f".*{_TEMP_SUFFIX}"):  # left by a killed run
+        stray.unlink(missing_ok=True)
+    if todo:
+        (out / MANIFEST).unlink(missing_ok=True)  # it would describe files about to change
+    results = map_subjects(partial(_build_entry, params=params, out=out), todo, workers, "prepare", progress)
+    failed = [r for r in results if isinstance(r, Problem)]
+    _raise_unless_skippable(failed, skip_bad, "the entries of the other subjects are kept; run again to finish")
+
+    problems += failed
+    bad |= {p.subject for p in failed}
+    skipped: dict[str, list[str]] = {}
+    for problem in problems:
+        skipped.setdefault(problem.subject, []).append(str(problem))
+    built = {s.id for s in todo}
+    manifest = Manifest(
+        params,
+        entries={s.id: _entry(out, s.id) for s in subjects if s.id not in bad},
+        skipped=skipped,
+        root=str(Path(root).resolve()),
+        reused=[s.id for s in subjects if s.id not in built],
+    )
+    text = _json_bytes(manifest.to_json())
+    if todo or not (out / MANIFEST).is_file() or (out / MANIFEST).read_bytes() != text:
+        atomic_write(out / MANIFEST, text)  # an up-to-date cache is left untouched
+    return manifest
+
+
+def source_record(subject: Subject) -> dict[str, dict[str, Any]]:
+    """``{modality: {"path", "size", "mtime_ns"}}``: what decides whether a cache entry is stale."""
+    record = {}
+    for modality, path in subject.paths.items():
+        stat = path.stat()
+        record[modality] = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return record
+
+
+def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], None]) -> None:
+    """Write ``data`` (bytes, or a function writing to a binary file) to ``path`` all at once."""
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temp, 0o644)  # mkstemp makes it private
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def _build_entry(subject: Subject, params: PreprocessParams, out: Path) -> dict | Problem:
+    """Preprocess one subject into ``out`` (array first, then its entry); runs in a worker."""
+    sources = source_record(subject)  # before reading: a file changed meanwhile looks stale next time
+    try:
+        array, _, info = preprocess_subject(subject, params)
+    except DataError as err:
+        return Problem(Path(err.path or subject.directory), err.reason, subject.id)
+    atomic_write(out / f"{subject.id}.npy", lambda f: np.save(f, array, allow_pickle=False))
+    entry = {
+        "params_hash": params.hash,
+        "sources": sources,
+        "seg": str(subject.seg.resolve()) if subject.seg else None,
+        "info": info,
+    }
+    atomic_write(out / f"{subject.id}.json", _json_bytes(entry))
+    return entry
+
+
+def _entry(out: Path, subject_id: str) -> dict[str, Any]:
+    """The manifest entry of a subject whose ``<id>.json`` is current."""
+    entry = json.loads((out / f"{subject_id}.json").read_text())
+    del entry["params_hash"]  # the manifest holds it once
+    return {"file": f"{subject_id}.npy", **entry}
+
+
+def _entry_is_current(out: Path, subject: Subject, params_hash: str) -> bool:
+    try:
+        entry = json.loads((out / f"{subject.id}.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        entry.get("params_hash") == params_hash
+        and entry.get("sources") == source_record(subject)
+        and (out / f"{subject.id}.npy").is_file()
+    )
+
+
+def _raise_unless_skippable(problems: list[Problem], skip_bad: bool, consequence: str) -> None:
+    """Raise on any problem, or only on those tied to no subject when bad subjects may be skipped."""
+    fatal = [p for p in problems if p.subject is None] if skip_bad else problems
+    if fatal:
+        hint = "" if skip_bad else " (or pass --skip-bad to leave the bad subjects out)"
+        raise DataError("\n".join([str(p) for p in fatal] + [f"{len(fatal)} problem(s); {consequence}{hint}"]))
+
+
+def _json_bytes(data: Any) -> bytes:
+    return (json.dumps(data, indent=1) + "\n").encode()
