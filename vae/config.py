@@ -26,14 +26,26 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class PhantomConfig(Section):
+    """The embedded default data set, used when ``data.root`` is not given."""
+
+    subjects: int = Field(64, ge=4)
+    vary: Literal["all", "tumour"] = "all"
+    anatomy: Literal["auto", "mni", "procedural"] = "auto"
+    seed: int = 0
+
+
 class DataConfig(Section):
-    root: str | None = None  # BraTS-style directory or prepared cache; None = the phantom
+    root: str | None = None  # BraTS-style NIfTI tree or a prepared cache; None = the phantom
+    cache_dir: str | None = None  # where prepared arrays go; None = $COLLAPSE_SWEEP_CACHE or ~/.cache/collapse-sweep
     size: int = Field(128, gt=0)  # edge of the cubic volume fed to the network
     modalities: list[str] = Field(default_factory=lambda: ["t1c", "t1n", "t2f", "t2w"], min_length=1)
     batch_size: int = Field(8, gt=0)  # per worker
     val_fraction: float = Field(0.1, gt=0, lt=1)
+    split_seed: int = 0
     num_workers: int = Field(2, ge=0)
     flip: bool = False
+    phantom: PhantomConfig = Field(default_factory=PhantomConfig)
 
 
 class ModelConfig(Section):

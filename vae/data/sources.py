@@ -1,0 +1,78 @@
+"""From an experiment's ``data`` section to datasets: find or build the prepared cache.
+
+``data.root`` may be a prepared cache (used as it is), a BraTS-style NIfTI tree (prepared
+once into ``data.cache_dir``) or absent, in which case the phantom is generated once and
+prepared the same way. Concurrent callers (several Ray workers on one node) serialise on
+a lock file, so a cache is built by one of them and reused by the rest.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from vae.config import DataConfig
+
+from .cache import is_cache, prepare
+from .dataset import CachedVolumes, load_split, save_split, split_subjects
+from .preprocess import PreprocessParams
+
+DEFAULT_CACHE = "~/.cache/collapse-sweep"
+
+
+def cache_root(data: DataConfig) -> Path:
+    return Path(data.cache_dir or os.environ.get("COLLAPSE_SWEEP_CACHE") or DEFAULT_CACHE).expanduser()
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def phantom_source(data: DataConfig) -> Path:
+    """The phantom's NIfTI tree for ``data.phantom``, rendered once at ``data.size``."""
+    from .phantom import write_phantom_dataset  # scipy and the MNI maps only when needed
+
+    p = data.phantom
+    out = cache_root(data) / f"phantom-{p.vary}-{p.anatomy}-n{p.subjects}-s{p.seed}-{data.size}"
+    with _locked(cache_root(data)):
+        write_phantom_dataset(out, p.subjects, data.size, anatomy=p.anatomy, vary=p.vary, seed=p.seed, progress=False)
+    return out
+
+
+def prepared_cache(data: DataConfig, workers: int = 1, progress: bool = False) -> Path:
+    """The cache directory holding ``data`` preprocessed at ``data.size``, building it if needed."""
+    if data.root is not None and is_cache(data.root):
+        return Path(data.root)
+    source = Path(data.root) if data.root is not None else phantom_source(data)
+    params = PreprocessParams(size=data.size, modalities=tuple(data.modalities))
+    # Named after the source and the parameters: two trees that share a folder name never collide.
+    source_key = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:8]
+    out = cache_root(data) / "prepared" / f"{source.resolve().name}-{source_key}-{params.hash}"
+    with _locked(cache_root(data)):
+        prepare(source, out, params, workers=workers, progress=progress)
+    return out
+
+
+def training_datasets(data: DataConfig, cache: Path, split_file: Path | None = None) -> tuple[CachedVolumes, CachedVolumes]:
+    """``(train, val)`` over ``cache`` with the seeded subject-level split, recorded in ``split_file``.
+
+    An existing ``split_file`` wins over a fresh split, so a resumed run keeps its subjects.
+    """
+    if split_file is not None and split_file.is_file():
+        train_ids, val_ids = load_split(split_file)
+    else:
+        ids = CachedVolumes(cache).ids
+        train_ids, val_ids = split_subjects(ids, data.val_fraction, data.split_seed)
+        if split_file is not None:
+            save_split(split_file, train_ids, val_ids, seed=data.split_seed, val_fraction=data.val_fraction)
+    return CachedVolumes(cache, train_ids, flip=data.flip, seed=data.split_seed), CachedVolumes(cache, val_ids)
