@@ -371,3 +371,23 @@ def test_write_rejects_bad_settings(tmp_path):
         P.write_phantom_dataset(tmp_path, 0, 8)
     with pytest.raises(ValueError, match="anatomy"):
         P.write_phantom_dataset(tmp_path, 1, 8, anatomy="colin27")
+
+
+def test_cli_pins_factors_and_rejects_unknown_ones(tmp_path):
+    import csv
+    import subprocess
+    import sys
+
+    run = lambda *args: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "vae.data", "phantom", *args, "--quiet"], capture_output=True, text=True
+    )
+    ok = run(str(tmp_path / "a"), "--n", "3", "--size", "16", "--pin", "tumour_present=false", "noise_sigma=0.01")
+    assert ok.returncode == 0, ok.stderr
+    rows = list(csv.DictReader(open(tmp_path / "a" / "factors.csv")))
+    assert [r["tumour_present"] for r in rows] == ["0"] * 3
+    assert {float(r["noise_sigma"]) for r in rows} == {0.01}
+    bad = run(str(tmp_path / "b"), "--n", "1", "--size", "16", "--pin", "bogus=1")
+    assert bad.returncode == 2
+    assert "cannot pin ['bogus']" in bad.stderr and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())

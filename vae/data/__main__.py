@@ -57,8 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--anatomy", choices=("auto", "mni", "procedural"), default="auto")
     sub.add_argument("--vary", choices=("all", "tumour"), default="all")
     sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--pin", nargs="+", default=[], metavar="FACTOR=VALUE",
+                     help="hold factors fixed, e.g. tumour_present=false noise_sigma=0.02 (values read as YAML)")
     sub.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+def parse_pins(items: Sequence[str]) -> dict:
+    """``["noise_sigma=0.02", "rotation_deg=[0, 0, 5]"]`` -> ``{"noise_sigma": 0.02, "rotation_deg": [0, 0, 5]}``."""
+    import yaml
+
+    pins = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--pin '{item}': expected FACTOR=VALUE, e.g. noise_sigma=0.02")
+        pins[name] = yaml.safe_load(text)
+    return pins
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -96,7 +111,7 @@ def run_phantom(args: argparse.Namespace) -> int:
         raise DataError(f"the phantom generator is not available ({err})") from None
     out = write_phantom_dataset(
         args.out, args.n, args.size, naming=args.naming, anatomy=args.anatomy, vary=args.vary,
-        seed=args.seed, progress=not args.quiet,
+        seed=args.seed, pin=parse_pins(args.pin), progress=not args.quiet,
     )
     print(f"wrote {args.n} phantom subjects to {out}")
     return 0
