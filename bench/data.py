@@ -6,7 +6,8 @@ directory, then times, per subject and output size N in 32, 64, 128:
 * decode: the pipeline's read of the four files (gunzip, NIfTI parse, RAS, float32);
 * decode + preprocess: ``preprocess_subject`` (decode, crop/pad/resample, z-score, float16);
 * cached read: ``np.load`` of the ``[4, N, N, N]`` float16 ``.npy``, whole and memory-mapped
-  (then copied to float32 as ``CachedVolumes`` does), warm (page cache) and cold (pages dropped).
+  (then copied to float32, the conversion the training loop does on its device), warm (page cache)
+  and cold (pages dropped); ``CachedVolumes[i]`` returns the float16 tensor.
 
 Results go to ``bench/data.json`` and to this script's section of ``bench/RESULTS.md``.
 
@@ -179,7 +180,7 @@ def markdown(result: dict) -> str:
     lines += [
         "",
         f"Target (cached `np.load` >= 100x faster than decode + preprocess, warm): {verdict}. "
-        f"`CachedVolumes[i]` also converts float16 to float32 (most of its time at 128^3): {item}.",
+        f"`CachedVolumes[i]` (the float16 tensor a loader moves; the loop converts on its device): {item}.",
         END,
     ]
     return "\n".join(lines)

@@ -64,7 +64,8 @@ def train_and_diagnose(cfg: ExperimentConfig, n_train: int = 256, n_val: int = 1
         order = torch.randperm(n_train, generator=g)
         batches = [x_train[order[i : i + bs]] for i in range(0, n_train, bs)]
         train_epoch(model, batches, optimizer, cfg, epoch, dataset_size=n_train)
-    return validate(model, [x_val[i : i + 64] for i in range(0, n_val, 64)], cfg)
+    val_batches = [x_val[i : i + 64] for i in range(0, n_val, 64)]
+    return validate(model, val_batches, cfg, epoch=cfg.train.epochs - 1, dataset_size=n_train).metrics
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,7 +20,7 @@ from .discovery import DataError
 
 
 class CachedVolumes(Dataset):
-    """Item ``i``: subject ``ids[i]`` as a float32 tensor ``[C, N, N, N]``.
+    """Item ``i``: subject ``ids[i]`` as a float16 tensor ``[C, N, N, N]`` (as cached).
 
     With ``flip=True`` each spatial axis is flipped with probability 1/2, drawn from
     ``(seed, epoch, index)`` so an epoch is reproducible; call :meth:`set_epoch` each epoch
@@ -56,8 +56,9 @@ class CachedVolumes(Dataset):
             raise DataError(message, self.files[index])
         if self.flip:
             volume = np.flip(volume, axis=flip_axes(self.seed, self.epoch, index))
-        # The copy reads the file and releases the map; float32 because the network computes in it.
-        return torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
+        # The copy reads the file and releases the map. It stays float16 (as stored): the training
+        # loop converts on its device, so a loader moves half the bytes and never converts on the CPU.
+        return torch.from_numpy(np.ascontiguousarray(volume))
 
 
 def flip_axes(seed: int, epoch: int, index: int) -> tuple[int, ...]:
