@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -33,6 +32,8 @@ import numpy as np
 import scipy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import cpu_model, replace_section  # noqa: E402
 from vae.data import CachedVolumes, PreprocessParams, discover, prepare, preprocess_subject  # noqa: E402
 from vae.data.preprocess import load_canonical  # noqa: E402
 
@@ -40,7 +41,6 @@ HERE = Path(__file__).resolve().parent
 SIZES = (32, 64, 128)
 SHAPE = (240, 240, 155)
 NAMES = {"t1c": "t1ce", "t1n": "t1", "t2f": "flair", "t2w": "t2"}
-BEGIN, END = "<!-- bench/data.py -->", "<!-- /bench/data.py -->"
 
 
 def write_subject(root: Path, index: int) -> None:
@@ -88,13 +88,6 @@ def cold(fn: Callable[[Path], object], paths: list[Path]) -> float:
     return statistics.median(times)
 
 
-def cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    match = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
-    return match[1].strip() if match else platform.machine()
 
 
 def run(subjects: int, repeats: int, work: Path) -> dict:
@@ -151,7 +144,6 @@ def run(subjects: int, repeats: int, work: Path) -> dict:
 def markdown(result: dict) -> str:
     machine = result["machine"]
     lines = [
-        BEGIN,
         "## Data pipeline: NIfTI decode + preprocess vs cached read (`bench/data.py`)",
         "",
         f"- Date: {result['date']}; command: `{result['command']}`",
@@ -181,20 +173,10 @@ def markdown(result: dict) -> str:
         "",
         f"Target (cached `np.load` >= 100x faster than decode + preprocess, warm): {verdict}. "
         f"`CachedVolumes[i]` (the float16 tensor a loader moves; the loop converts on its device): {item}.",
-        END,
     ]
     return "\n".join(lines)
 
 
-def replace_section(path: Path, section: str) -> None:
-    """Put ``section`` between this script's markers in ``path``, keeping everything else."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 def main() -> None:
@@ -206,7 +188,7 @@ def main() -> None:
         result = run(args.subjects, args.repeats, Path(work))
     (HERE / "data.json").write_text(json.dumps(result, indent=1) + "\n")
     section = markdown(result)
-    replace_section(HERE / "RESULTS.md", section)
+    replace_section(HERE / "RESULTS.md", "bench/data.py", section)
     print(section)
 
 

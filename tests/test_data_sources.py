@@ -3,7 +3,6 @@ import json
 import os
 
 import numpy as np
-import pytest
 
 from vae.config import DataConfig
 from vae.data import Manifest, PreprocessParams, prepare

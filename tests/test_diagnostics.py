@@ -355,10 +355,10 @@ def test_accumulator_matches_one_shot_numpy(floor, mode):
     assert expected["au"] == 3
 
     batches = split(SAMPLES, BATCH_SIZES)
-    result = accumulate(batches, free_bits_floor=floor, free_bits_mode=mode)
+    result = accumulate(batches, free_bits_floor=floor, free_bits_mode=mode, quality_volumes=len(SAMPLES["mu"]))
     assert_results_match(result, expected)
 
-    # SSIM and PSNR are per-batch scores averaged with batch-size weights.
+    # SSIM and PSNR are per-batch scores averaged with batch-size weights (every volume scored here).
     weights = np.array(BATCH_SIZES) / sum(BATCH_SIZES)
     ssim = sum(w * ssim_psnr_per_modality(b["x_hat_mu"], b["x"])[0].numpy() for w, b in zip(weights, batches))
     psnr = sum(w * numpy_psnr(b["x_hat_mu"].double().numpy(), b["x"].double().numpy())
@@ -367,6 +367,17 @@ def test_accumulator_matches_one_shot_numpy(floor, mode):
     np.testing.assert_allclose(result["psnr"], psnr, rtol=1e-5)
     assert result["ssim_mean"] == pytest.approx(ssim.mean(), rel=1e-9)
     assert result["psnr_mean"] == pytest.approx(psnr.mean(), rel=1e-5)
+
+
+def test_image_quality_is_scored_on_the_first_volumes_only():
+    batches = split(SAMPLES, BATCH_SIZES)  # 3, 5, ...: the first 4 volumes span two batches
+    result = accumulate(batches, quality_volumes=4)
+    first, second = batches[0], batches[1]
+    ssim = (3 * ssim_psnr_per_modality(first["x_hat_mu"], first["x"])[0]
+            + ssim_psnr_per_modality(second["x_hat_mu"][:1], second["x"][:1])[0]) / 4
+    np.testing.assert_allclose(result["ssim"], ssim.numpy(), rtol=1e-9)
+    full = accumulate(batches, quality_volumes=len(SAMPLES["mu"]))
+    assert result["recon_mu"] == full["recon_mu"] and result["ssim"] != full["ssim"]
 
 
 def test_accumulator_keys_are_plain_finite_floats():
@@ -441,7 +452,8 @@ def ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None
     try:
         batches = split(make_samples(DDP_SAMPLES, edge=DDP_EDGE), DDP_BATCHES)[rank::world_size]
         results = {
-            "full_pool": accumulate(batches, free_bits_floor=0.5, free_bits_mode="per_sample"),
+            "full_pool": accumulate(batches, free_bits_floor=0.5, free_bits_mode="per_sample",
+                                    quality_volumes=DDP_SAMPLES),
             "small_pool": accumulate(batches, mi_pool=8),
         }
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
@@ -454,7 +466,7 @@ def test_reduce_across_two_gloo_ranks_equals_one_process(tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
     single = accumulate(split(make_samples(DDP_SAMPLES, edge=DDP_EDGE), DDP_BATCHES), free_bits_floor=0.5,
-                        free_bits_mode="per_sample")
+                        free_bits_mode="per_sample", quality_volumes=DDP_SAMPLES)
     for result in ranks:
         assert_results_match(result["full_pool"], single, rtol=1e-10)
         assert result["full_pool"]["au"] == single["au"]

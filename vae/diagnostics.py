@@ -270,8 +270,10 @@ class ValidationAccumulator:
     drawn with a generator seeded by ``seed + rank``; the pool is sorted lexicographically
     and its noise drawn from ``torch.Generator().manual_seed(seed)``. So while the data set
     fits in the pool, MI does not depend on batching or ranks; beyond it the sample does.
-    SSIM and PSNR are per-batch scores averaged with batch-size weights, so they depend on
-    the batching (the data range is the batch's), but not on how batches are spread over ranks.
+    SSIM and PSNR are per-batch scores averaged with batch-size weights over the first
+    ``quality_volumes`` volumes each rank sees (a fixed subset, since validation is not
+    shuffled): a dense 11^3 SSIM window over every volume would cost more than the rest of
+    the pass. They depend on the batching (the data range is the batch's).
 
     With a single sample, variances are 0: no active unit, z_std 0, correlation 0, and a
     z_sensitivity of 0 because the data do not vary.
@@ -285,6 +287,7 @@ class ValidationAccumulator:
         mi_pool: int = 4096,
         seed: int = 0,
         au_eps: float = AU_EPS,
+        quality_volumes: int = 4,
     ):
         if z_dim < 1:
             raise ValueError(f"z_dim must be >= 1, got {z_dim}")
@@ -294,12 +297,15 @@ class ValidationAccumulator:
             raise ValueError(f"free_bits_mode must be one of {FREE_BITS_MODES}, not {free_bits_mode!r}")
         if mi_pool < 1:
             raise ValueError(f"mi_pool must be >= 1 pair, got {mi_pool}")
+        if quality_volumes < 1:
+            raise ValueError(f"quality_volumes must be >= 1, got {quality_volumes}")
         self.z_dim = z_dim
         self.free_bits_floor = free_bits_floor
         self.free_bits_mode = free_bits_mode
         self.mi_pool = mi_pool
         self.seed = seed
         self.au_eps = au_eps
+        self.quality_volumes = quality_volumes
         self._pool_generator = torch.Generator().manual_seed(seed + rank())
         self._mu = _Moments.empty(z_dim)
         self._z = _Moments.empty(z_dim)
@@ -346,7 +352,9 @@ class ValidationAccumulator:
             {"mu": mu, "logvar": logvar, "z": z},
         )
         batch = len(x)
-        ssim, psnr = ssim_psnr_per_modality(x_hat_mu, x)
+        scored = min(batch, self.quality_volumes - int(self._sums.get("quality_n", 0)))
+        if scored > 0:
+            ssim, psnr = ssim_psnr_per_modality(x_hat_mu[:scored], x[:scored])
         x, x_hat_mu, x_hat_z, x_hat_zero = (t.detach().double() for t in (x, x_hat_mu, x_hat_z, x_hat_zero))
         mu, logvar = mu.detach().double(), logvar.detach().double()
         kl = kl_per_dim(mu, logvar)  # [B, z_dim]
@@ -360,9 +368,9 @@ class ValidationAccumulator:
             "sq_mu_vs_zero": (x_hat_mu - x_hat_zero).pow(2).sum(),
             "kl": kl.sum(dim=0),
             "logvar": logvar.sum(),
-            "ssim": ssim * batch,
-            "psnr": psnr * batch,
         }
+        if scored > 0:
+            batch_sums.update(ssim=ssim * scored, psnr=psnr * scored, quality_n=torch.tensor(float(scored)))
         if self.free_bits_mode == "per_sample":
             # The per-sample clamp cannot be recovered from the data-set mean KL, so sum it here.
             batch_sums["kl_constrained"] = free_bits(kl, self.free_bits_floor, "per_sample") * batch
@@ -420,7 +428,7 @@ class ValidationAccumulator:
         order = _lexicographic_order(pool_mu, pool_logvar)
         mi = mutual_information(pool_mu[order], pool_logvar[order], torch.Generator().manual_seed(self.seed))
 
-        ssim, psnr = sums["ssim"] / n, sums["psnr"] / n
+        ssim, psnr = sums["ssim"] / sums["quality_n"], sums["psnr"] / sums["quality_n"]
         return {
             "au": float(au),
             "au_fraction": au / self.z_dim,

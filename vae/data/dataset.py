@@ -58,7 +58,7 @@ class CachedVolumes(Dataset):
             volume = np.flip(volume, axis=flip_axes(self.seed, self.epoch, index))
         # The copy reads the file and releases the map. It stays float16 (as stored): the training
         # loop converts on its device, so a loader moves half the bytes and never converts on the CPU.
-        return torch.from_numpy(np.ascontiguousarray(volume))
+        return torch.from_numpy(np.array(volume, order="C"))  # always a copy, never the map itself
 
 
 def flip_axes(seed: int, epoch: int, index: int) -> tuple[int, ...]:

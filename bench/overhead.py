@@ -1,0 +1,137 @@
+"""Cost of diagnostics and reporting: a bare training loop vs ``vae.train.fit`` on the same data.
+
+    python bench/overhead.py [--sizes 16 32] [--epochs 11]
+
+The bare loop is forward, loss, backward, clip and step over the training split, then (as
+any training loop that tracks a validation loss) one plain forward pass over the validation
+split. ``fit`` adds what the diagnostics and reporting cost: two more decodes per validation
+volume (x_hat(mu) and x_hat(0)), the accumulator (AU, KL per dim, MI, SSIM/PSNR on four
+volumes), its reduction, ``epochs.csv``, the report hook, and a reconstruction panel and a
+checkpoint every 10 epochs (the experiments' default). The train-only loop is timed too. Both run
+single-threaded and are timed in CPU seconds, which a shared machine disturbs far less than
+wall time. The split is the configs' default 90/10, so the validation pass sees 1/9 as
+many volumes as training. Writes a section of ``bench/RESULTS.md`` and ``bench/overhead.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).parent))
+from results import machine, replace_section  # noqa: E402
+
+from vae.config import ExperimentConfig  # noqa: E402
+from vae.data.sources import prepared_cache, training_datasets  # noqa: E402
+from vae.loss import compute_loss  # noqa: E402
+from vae.models import build_model  # noqa: E402
+from vae.train import Hooks, fit  # noqa: E402
+
+HERE = Path(__file__).parent
+
+
+def experiment(size: int, epochs: int, cache_dir: str) -> ExperimentConfig:
+    return ExperimentConfig.model_validate({
+        "name": "overhead",
+        "data": {"size": size, "batch_size": 2, "num_workers": 0, "cache_dir": cache_dir, "phantom": {"subjects": 30}},
+        "model": {"z_dim": 32, "base_filters": 8, "max_filters": 64, "depth": 3, "decoder": "broadcast"},
+        "objective": {"likelihood": "gaussian", "dip": {"kind": "ii"}},
+        "train": {"epochs": epochs, "checkpoint_every": 10, "image_every": 10, "mixed_precision": False},
+    })
+
+
+def bare_epochs(cfg: ExperimentConfig, train_set, val_set=None) -> list[float]:
+    """CPU seconds of each epoch of a loop with nothing but training (and a plain validation loss)."""
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.in_channels, cfg.data.size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    loader = DataLoader(train_set, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True)
+    seconds = []
+    for epoch in range(cfg.train.epochs):
+        start = time.process_time()
+        model.train()
+        for x in loader:
+            x = x.float()
+            out = model(x)
+            loss = compute_loss(x, *out, cfg.objective, epoch, cfg.train.epochs, len(train_set)).total
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm)
+            optimizer.step()
+        if val_set is not None:
+            model.eval()
+            with torch.no_grad():
+                for x in DataLoader(val_set, batch_size=cfg.data.batch_size):
+                    x = x.float()
+                    out = model(x)
+                    compute_loss(x, *out, cfg.objective, epoch, cfg.train.epochs, len(train_set))
+        seconds.append(time.process_time() - start)
+    return seconds
+
+
+def fit_epochs(cfg: ExperimentConfig, train_set, val_set, run_dir: Path) -> list[float]:
+    """CPU seconds between consecutive reports of ``fit`` (everything an epoch does)."""
+    stamps = [time.process_time()]
+    fit(cfg, train_set, val_set, run_dir, Hooks(report=lambda metrics, checkpoint: stamps.append(time.process_time())))
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def measure(size: int, epochs: int, work: Path) -> dict:
+    cfg = experiment(size, epochs, str(work / "cache"))
+    train_set, val_set = training_datasets(cfg.data, prepared_cache(cfg.data))
+    train_only = bare_epochs(cfg, train_set)
+    bare = bare_epochs(cfg, train_set, val_set)
+    full = fit_epochs(cfg, train_set, val_set, work / f"run{size}")
+    # The first epoch of each warms allocators and caches; medians of the rest.
+    train_s, bare_s, fit_s = (statistics.median(e[1:]) for e in (train_only, bare, full))
+    return {"size": size, "train_volumes": len(train_set), "val_volumes": len(val_set),
+            "train_only_s": train_s, "bare_s": bare_s, "fit_s": fit_s, "overhead": fit_s / bare_s - 1.0,
+            "overhead_vs_train_only": fit_s / train_s - 1.0,
+            "train_only_epochs": train_only, "bare_epochs": bare, "fit_epochs": full}
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "## Diagnostics + reporting overhead (`bench/overhead.py`)",
+        "",
+        f"- Date: {result['date']}; command: `{result['command']}`; machine: {result['machine']}",
+        "- Model: SBD (grid 8, resize-conv), z_dim 32, base 8, depth 3, DIP-II + Gaussian likelihood; "
+        "phantom, 4 modalities, batch 2, one thread, CPU seconds per epoch (median of epochs 2..E).",
+        "",
+        "| size | train / val volumes | train only | bare loop (train + val loss) | `fit` epoch "
+        "| overhead vs bare loop | vs train only |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(f"| {r['size']}^3 | {r['train_volumes']} / {r['val_volumes']} | {r['train_only_s']:.2f} s "
+                     f"| {r['bare_s']:.2f} s | {r['fit_s']:.2f} s | {100 * r['overhead']:+.1f} % "
+                     f"| {100 * r['overhead_vs_train_only']:+.1f} % |")
+    met = all(r["overhead"] <= 0.10 for r in result["rows"])
+    lines += ["", f"Target (diagnostics + reporting <= 10 % over the bare loop): {'met' if met else 'NOT met'}."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[16, 32])
+    parser.add_argument("--epochs", type=int, default=11)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [measure(size, args.epochs, Path(tmp)) for size in args.sizes]
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
+              "command": "python bench/overhead.py " + " ".join(sys.argv[1:]), "rows": rows}
+    (HERE / "overhead.json").write_text(json.dumps(result, indent=1) + "\n")
+    replace_section(HERE / "RESULTS.md", "bench/overhead.py", markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
