@@ -287,7 +287,7 @@ class ValidationAccumulator:
         mi_pool: int = 4096,
         seed: int = 0,
         au_eps: float = AU_EPS,
-        quality_volumes: int = 4,
+        quality_volumes: int = 2,
     ):
         if z_dim < 1:
             raise ValueError(f"z_dim must be >= 1, got {z_dim}")
