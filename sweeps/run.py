@@ -1,0 +1,118 @@
+"""Run a sweep: Optuna (TPE) through Ray Tune, with collapse-aware early termination.
+
+    python sweeps/run.py dip_sbd --smoke
+    python sweeps/run.py dip_sbd --data /data/brats --num-samples 64 --gpus-per-trial 1 --address auto
+    python sweeps/run.py dip_sbd --resume
+
+NAME is a sweep in sweeps/ (the file stem) or a YAML path. Without --data the trials train
+on the phantom. Outputs go to RESULTS/NAME/RUN/ (see sweeps/outputs.py); --resume continues
+the latest run of NAME (or --run RUN) after an interruption: finished trials count towards
+the number of samples, and the trials that were running continue from their checkpoints.
+
+Exit status: 0 the sweep ran (whatever its trials' outcomes); 2 bad sweep, configuration,
+data or resources, reported in one line before any compute.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+STARTED = time.perf_counter()  # the wall time printed at the end includes the imports below
+
+# Run as a script: make the project importable here and in the Ray workers this process starts.
+ROOT = str(Path(__file__).resolve().parents[1])
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+
+from trainables.cli import BAD_INPUT_ERRORS  # noqa: E402
+from vae.config import ConfigError, parse_override  # noqa: E402
+
+from sweeps.spec import EARLY_STOP_MODES, load_sweep  # noqa: E402
+
+EXIT_OK, EXIT_BAD_INPUT = 0, 2
+# Command-line flags that set keys of the sweep file (flag attribute -> dotted key).
+SPEC_FLAGS = {
+    "num_samples": "budget.num_samples",
+    "max_epochs": "budget.max_epochs",
+    "early_stop": "early_stop.mode",
+    "workers_per_trial": "resources.workers_per_trial",
+    "cpus_per_trial": "resources.cpus_per_trial",
+    "gpus_per_trial": "resources.gpus_per_trial",
+}
+# What a resumed sweep may change: how many trials in all, and where they run.
+RESUMABLE_FLAGS = ("num_samples", "workers_per_trial", "cpus_per_trial", "gpus_per_trial")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python sweeps/run.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("name", metavar="NAME", help="sweep name (sweeps/NAME.yaml) or a sweep YAML path")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="experiment keys fixed for every trial, e.g. data.batch_size=4")
+    parser.add_argument("--smoke", action="store_true", help="merge the sweep's smoke section: a few tiny trials")
+    parser.add_argument("--data", help="a NIfTI tree or prepared cache (default: the phantom)")
+    parser.add_argument("--num-samples", type=int, help="trials in all, the enqueued ones included")
+    parser.add_argument("--max-epochs", type=int, help="epochs per trial (sets train.epochs)")
+    parser.add_argument("--early-stop", choices=EARLY_STOP_MODES, help="early termination (default: the sweep's)")
+    parser.add_argument("--storage", help="Optuna storage URL (default: sqlite in the run's folder)")
+    parser.add_argument("--resume", action="store_true", help="continue the latest (or --run) run of NAME")
+    parser.add_argument("--run", help="the run's folder name under RESULTS/NAME (default: a time stamp)")
+    parser.add_argument("--results", default="results", help="where sweeps go (default: ./results)")
+    parser.add_argument("--address", help="join this Ray cluster ('auto': the one running here)")
+    parser.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, shared by its workers")
+    parser.add_argument("--workers-per-trial", type=int, help="DDP workers per trial")
+    parser.add_argument("--cpus-per-trial", type=float, help="CPUs per trial, shared by its workers")
+    parser.add_argument("--seed", type=int, help="seed of the TPE sampler (default: fresh entropy)")
+    parser.add_argument("--worker-logs", action="store_true", help="show the Ray processes' own log lines")
+    parser.add_argument(
+        "--no-dashboard", action="store_true",
+        help="start the local Ray instance without its dashboard (tests only: a stopped multi-worker "
+        "trial then leaks its workers' resources)",
+    )
+    return parser.parse_intermixed_args(argv)  # key=value may follow the flags
+
+
+def spec_changes(args: argparse.Namespace) -> dict[str, Any]:
+    return {key: getattr(args, flag) for flag, key in SPEC_FLAGS.items() if getattr(args, flag) is not None}
+
+
+def experiment_overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    overrides = [parse_override(item) for item in args.overrides]
+    return overrides + ([("data.root", args.data)] if args.data else [])
+
+
+def prepare(args: argparse.Namespace):
+    """The :class:`~sweeps.service.SweepRun` the arguments ask for; :class:`ConfigError` on bad input."""
+    from sweeps.service import new_run, resume_run
+
+    results = Path(args.results)
+    if not args.resume:
+        sweep = load_sweep(args.name, args.smoke, spec_changes(args), experiment_overrides(args))
+        return new_run(sweep, results, args.run, args.storage, args.seed)
+    fixed = [f"--{flag.replace('_', '-')}" for flag in ("smoke", "data", "max_epochs", "early_stop")
+             if getattr(args, flag)] + args.overrides
+    if fixed:
+        raise ConfigError(f"--resume continues the sweep as recorded; it cannot change {', '.join(fixed)}")
+    changes = {SPEC_FLAGS[flag]: getattr(args, flag) for flag in RESUMABLE_FLAGS if getattr(args, flag) is not None}
+    return resume_run(results, args.name, args.run, args.storage, args.seed, changes)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run = prepare(args)
+        from sweeps.service import execute
+
+        execute(run, args.address, dashboard=not args.no_dashboard, worker_logs=args.worker_logs, started=STARTED)
+    except BAD_INPUT_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""The Ray Tune and Optuna side of a sweep: the study, the searcher, the stopper, ASHA and the trainable.
+
+How a trial ends, as Optuna records it (stock ``OptunaSearch`` records every stopped trial
+as COMPLETE with its last value and leaves a trial whose value is NaN RUNNING forever):
+
+============  =========  =============================================================
+status        state      why
+============  =========  =============================================================
+completed     COMPLETE   ran its epochs; its last values are the objectives
+collapsed     PRUNED     the collapse rule stopped it (``sweeps.stopping``)
+asha_stopped  PRUNED     ASHA stopped it
+diverged      FAIL       a loss term became NaN or infinite
+failed        FAIL       it raised, or an objective was missing or not finite
+interrupted   FAIL       the sweep stopped before it ended (or began): it is enqueued
+                         again with its parameters and run directory, so a resumed
+                         sweep continues it
+============  =========  =============================================================
+
+``status`` and ``stop_reason`` go to the trial's user attributes. PRUNED counts as bad for
+TPE: Optuna 5's ``TPESampler._sample`` takes COMPLETE and PRUNED trials, and
+``_split_trials`` fills the "good" group with COMPLETE trials first (best first) and
+only then with PRUNED ones, so a PRUNED trial is never preferred to a COMPLETE one;
+without intermediate values (every multi-objective study) PRUNED trials tie among
+themselves (``_get_pruned_trial_score``). FAIL trials are left out of the model.
+
+Each trial's run directory is ``<run_root>/trial-NNNN`` after the Optuna trial that first
+ran it, recorded in the user attribute ``run_name``: a trial enqueued again keeps it, so
+it resumes from the checkpoint there.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.search.optuna import OptunaSearch
+from ray.tune.stopper import Stopper
+
+from trainables.cli import read_epochs
+from trainables.trial import train_trial
+from vae.config import ConfigError
+
+from .space import RUN_NAME
+from .spec import Sweep
+from .stopping import HISTORY_KEYS, Outcome, ScheduleTargets, collapse_streak, numeric_rows, trial_outcome
+
+logger = logging.getLogger(__name__)
+
+STATES = {
+    "completed": TrialState.COMPLETE, "collapsed": TrialState.PRUNED, "asha_stopped": TrialState.PRUNED,
+    "diverged": TrialState.FAIL, "failed": TrialState.FAIL, "interrupted": TrialState.FAIL,
+}
+
+
+# --------------------------------------------------------------------------- the study
+
+
+def open_study(storage: optuna.storages.BaseStorage, study_name: str, sweep: Sweep) -> optuna.Study:
+    """The sweep's study, created with the sweep's directions and its enqueued points, or loaded."""
+    directions = ["maximize" if mode == "max" else "minimize" for _, mode in sweep.objectives]
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        study = optuna.create_study(storage=storage, study_name=study_name, directions=directions)
+        for point in sweep.spec.enqueue:
+            study.enqueue_trial(point.params, user_attrs={"enqueued": point.name, "audited": point.audited})
+        return study
+    if [d.name.lower() for d in study.directions] != directions:
+        raise ConfigError(f"study '{study_name}' optimises {study.directions}, not this sweep's objectives")
+    return study
+
+
+def requeue(study: optuna.Study, trial: FrozenTrial | optuna.Trial, reason: str) -> None:
+    """Close an unfinished ``trial`` as FAIL (interrupted) and enqueue its parameters and run directory again."""
+    storage = study._storage  # a finished-or-not trial is addressed by its storage id here
+    storage.set_trial_user_attr(trial._trial_id, "status", "interrupted")
+    storage.set_trial_user_attr(trial._trial_id, "stop_reason", reason)
+    study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+    carried = {key: trial.user_attrs[key] for key in (RUN_NAME, "enqueued", "audited") if key in trial.user_attrs}
+    study.enqueue_trial(trial.params, user_attrs={**carried, "continues": trial.number})
+
+
+def requeue_orphans(study: optuna.Study) -> list[int]:
+    """Numbers of the trials a killed driver left RUNNING, now closed and enqueued again."""
+    orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in orphans:
+        requeue(study, trial, "interrupted: the sweep's driver ended while it ran; continued by a later trial")
+    return [trial.number for trial in orphans]
+
+
+def finished_count(study: optuna.Study) -> int:
+    """Trials that count towards the sweep's ``num_samples``: finished, and not interrupted."""
+    return sum(
+        1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+        if t.user_attrs.get("status") != "interrupted"
+    )
+
+
+def suggest(sweep: Sweep, trial: optuna.Trial) -> dict[str, Any]:
+    """Define-by-run space of :class:`SweepSearch`: samples the parameters, names the run directory."""
+    sweep.space.suggest(trial)
+    run_name = trial.user_attrs.get(RUN_NAME) or f"trial-{trial.number:04d}"
+    trial.set_user_attr(RUN_NAME, run_name)
+    return {RUN_NAME: run_name}
+
+
+# --------------------------------------------------------------------------- a trial's history
+
+
+def params_of(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial config's sampled parameters (everything but its run name)."""
+    return {key: value for key, value in config.items() if key != RUN_NAME}
+
+
+def trial_streak(sweep: Sweep, run_root: Path, config: Mapping[str, Any]) -> int:
+    """The collapse streak of the trial of ``config``, from its ``epochs.csv`` (0 without a collapse rule)."""
+    rule = sweep.spec.early_stop.collapse_rule
+    if rule is None:
+        return 0
+    targets = ScheduleTargets.of(sweep.experiment_for(params_of(config)))
+    rows = numeric_rows(read_epochs(run_root / config[RUN_NAME]), HISTORY_KEYS)
+    return collapse_streak(rows, rule, targets)
+
+
+class CollapseStopper(Stopper):
+    """Stops a trial once its collapse streak reaches the rule's patience.
+
+    Stateless: the streak is recomputed from the trial's own ``epochs.csv`` at every result.
+    """
+
+    def __init__(self, sweep: Sweep, run_root: Path):
+        self.sweep, self.run_root = sweep, run_root
+        self.patience = sweep.spec.early_stop.collapse.patience
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return trial_streak(self.sweep, self.run_root, result["config"]) >= self.patience
+
+    def stop_all(self) -> bool:
+        return False
+
+
+class RecordingASHA(ASHAScheduler):
+    """ASHA on one metric, counted in epochs, remembering which trials it stopped.
+
+    The record tells an ASHA stop apart from a trial stopped by the end of the sweep.
+    """
+
+    def __init__(self, sweep: Sweep):
+        metric, mode = sweep.asha_objective
+        asha = sweep.spec.early_stop.asha
+        # Epochs, not training_iteration: the latter starts again at 1 when Tune retries a trial.
+        super().__init__(
+            time_attr="epoch", metric=metric, mode=mode, max_t=sweep.epochs,
+            grace_period=min(asha.grace_period, sweep.epochs), reduction_factor=asha.reduction_factor,
+        )
+        self.stopped: set[str] = set()
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if decision == TrialScheduler.STOP:
+            self.stopped.add(trial.trial_id)
+        return decision
+
+
+# --------------------------------------------------------------------------- the searcher
+
+
+class SweepSearch(OptunaSearch):
+    """``OptunaSearch`` over a sweep's space that tells Optuna how each trial really ended (module docstring)."""
+
+    def __init__(
+        self,
+        sweep: Sweep,
+        study_name: str,
+        storage: optuna.storages.BaseStorage,
+        run_root: Path,
+        seed: int | None = None,
+        asha: RecordingASHA | None = None,
+    ):
+        metrics = [metric for metric, _ in sweep.objectives]
+        modes = [mode for _, mode in sweep.objectives]
+        super().__init__(
+            space=_DefineByRun(sweep), metric=metrics if len(metrics) > 1 else metrics[0],
+            mode=modes if len(modes) > 1 else modes[0], sampler=optuna.samplers.TPESampler(seed=seed),
+            study_name=study_name, storage=storage,
+        )
+        self.sweep, self.run_root, self.asha = sweep, run_root, asha
+        self.outcomes: dict[str, Outcome] = {}  # Tune trial id -> how it ended
+        self._first_epoch: dict[str, int] = {}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self._first_epoch.setdefault(trial_id, int(result["epoch"]))
+        if isinstance(self.metric, list):
+            return  # Optuna takes no intermediate values in a multi-objective study
+        value = result.get(self.metric)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            try:
+                self._ot_trials[trial_id].report(float(value), step=int(result["epoch"]))
+            except (UpdateFinishedTrialError, NotImplementedError) as err:
+                logger.warning("trial %s: intermediate value not recorded: %s", trial_id, err)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None or trial_id in self._completed_trials:
+            return
+        self._completed_trials.add(trial_id)
+        outcome, values = self._judge(trial_id, result, error)
+        self.outcomes[trial_id] = outcome
+        try:
+            if trial_id in self._first_epoch:
+                ot_trial.set_user_attr("first_epoch", self._first_epoch[trial_id])
+            if outcome.status == "interrupted":
+                requeue(self._ot_study, ot_trial, outcome.reason)
+            else:
+                self._tell(ot_trial, outcome, values)
+        except UpdateFinishedTrialError:
+            logger.warning("trial %s: already finished in the study; left as it is", trial_id)
+
+    def _judge(self, trial_id: str, result: dict | None, error: bool) -> tuple[Outcome, list]:
+        """How the trial ended, and its objectives' last values."""
+        ot_trial, rule = self._ot_trials[trial_id], self.sweep.spec.early_stop.collapse_rule
+        streak = 0
+        if result and not error:
+            streak = trial_streak(self.sweep, self.run_root, {**ot_trial.params, RUN_NAME: ot_trial.user_attrs[RUN_NAME]})
+        asha_stopped = self.asha is not None and trial_id in self.asha.stopped
+        outcome = trial_outcome(result, error, streak, rule, asha_stopped)
+        metrics = [metric for metric, _ in self.sweep.objectives]
+        values = [result.get(metric) for metric in metrics] if result else []
+        finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+        if outcome.status == "completed" and not finite:
+            outcome = Outcome("failed", f"an objective ({', '.join(metrics)}) was missing or not finite: {values}")
+        return outcome, values
+
+    def _tell(self, ot_trial: optuna.Trial, outcome: Outcome, values: list) -> None:
+        ot_trial.set_user_attr("status", outcome.status)
+        ot_trial.set_user_attr("stop_reason", outcome.reason)
+        state = STATES[outcome.status]
+        try:
+            self._ot_study.tell(ot_trial, values if state == TrialState.COMPLETE else None, state=state)
+        except ValueError as err:  # a value Optuna refuses: never leave the trial RUNNING
+            logger.warning("trial %d: %s; recorded as FAIL", ot_trial.number, err)
+            self._ot_study.tell(ot_trial, state=TrialState.FAIL)
+
+
+class _DefineByRun:
+    """:func:`suggest` bound to a sweep, as a picklable callable (Tune saves the searcher's state)."""
+
+    def __init__(self, sweep: Sweep):
+        self.sweep = sweep
+
+    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
+        return suggest(self.sweep, trial)
+
+
+# --------------------------------------------------------------------------- the trainable
+
+
+def run_trial(config: dict[str, Any], base: dict[str, Any], sweep: Sweep) -> None:
+    """The sweep's Tune trainable: a trial config of ``trainables`` from the sampled parameters.
+
+    ``base`` is :func:`trainables.trial_config` of the sweep's experiment. A trial whose run
+    directory already holds its final epoch (it ended while the sweep's driver was being
+    killed, before Optuna heard of it) reports that epoch again instead of training.
+    """
+    run_dir = Path(base["run_root"]) / config[RUN_NAME]
+    rows = read_epochs(run_dir)
+    if rows and rows[-1]["status"] in ("completed", "diverged"):
+        tune.report({key: _number(value) for key, value in rows[-1].items()})
+        return
+    train_trial({**base, "overrides": sweep.trial_overrides(params_of(config)), "run_name": config[RUN_NAME]})
+
+
+def _number(text: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def trainable(sweep: Sweep, base: dict[str, Any]):
+    """:func:`run_trial` with its constants and the resources of one trial, for ``tune.Tuner``."""
+    resources = sweep.spec.resources.trial_resources()
+    return tune.with_resources(tune.with_parameters(run_trial, base=base, sweep=sweep), resources.placement())

@@ -1,0 +1,405 @@
+"""Sweep definitions: one YAML per sweep in ``sweeps/`` (the file stem is its name), validated up front.
+
+A sweep file::
+
+    description: ...
+    experiment: exp2_dipvae_sbd        # the base experiment (a name in vae/configs or a YAML path)
+    overrides: {data.size: 64}         # fixed for every trial (dotted experiment keys)
+    space: {...}                       # what is searched (see sweeps/space.py)
+    objectives:                        # one: a scalar study; more: multi-objective (Pareto)
+      - {metric: au, mode: max}
+      - {metric: recon_mu, mode: min}
+    early_stop:
+      mode: collapse                   # collapse | asha | collapse+asha | none
+      collapse: {au_min: 0, kl_min: 2.0, patience: 5, grace_epochs: 5}
+      asha: {metric: recon_mu, mode: min, grace_period: 10, reduction_factor: 3}
+    resources: {workers_per_trial: 1, cpus_per_trial: 4, gpus_per_trial: 1, max_failures: 1}
+    budget: {num_samples: 64, max_epochs: 100}
+    enqueue:                           # evaluated first, in this order
+      - {name: audited exp2, audited: true, params: {...}}
+    smoke: {...}                       # merged over the rest with --smoke
+
+Every mistake is a :class:`ConfigError` of one line naming the file and the key; the
+command line turns it into exit status 2 before any compute starts.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+from pydantic import Field, ValidationError, model_validator
+
+from trainables.resources import TrialResources
+from vae.config import (
+    ConfigError, ExperimentConfig, Section, deep_merge, format_validation_error, load_experiment, read_yaml,
+    set_dotted, validate_experiment,
+)
+from vae.objectives import effective_sigma2
+
+from .space import Scalar, Space, parse_space
+from .stopping import CollapseRule
+
+SWEEP_DIR = Path(__file__).parent
+EARLY_STOP_MODES = ("collapse", "asha", "collapse+asha", "none")
+# Keys that decide what the prepared data cache holds: it is built once, before the trials.
+_CACHE_KEYS = ("data.root", "data.cache_dir", "data.size", "data.modalities", "data.phantom")
+# A latent direction stays active only if it explains more data variance than the decoder
+# variance sigma^2 (pPCA: Tipping & Bishop 1999; Lucas et al. 2019). Z-scored volumes hold a
+# total variance of about D (one per voxel), and no single direction of brain MRI explains
+# half of it: at sigma^2 >= D/2 collapse is the optimum of the loss.
+COLLAPSE_VARIANCE_SHARE = 0.5
+
+
+class Objective(Section):
+    metric: str
+    mode: Literal["min", "max"]
+
+
+class AshaSpec(Section):
+    metric: str | None = None  # default: the first objective
+    mode: Literal["min", "max"] | None = None
+    grace_period: int = Field(4, ge=1)  # epochs before ASHA may stop a trial
+    reduction_factor: float = Field(3.0, gt=1)
+
+
+class EarlyStopSpec(Section):
+    mode: Literal["collapse", "asha", "collapse+asha", "none"] = "collapse"
+    collapse: CollapseRule = Field(default_factory=CollapseRule)
+    asha: AshaSpec = Field(default_factory=AshaSpec)
+
+    @property
+    def collapse_rule(self) -> CollapseRule | None:
+        return self.collapse if "collapse" in self.mode else None
+
+    @property
+    def uses_asha(self) -> bool:
+        return "asha" in self.mode
+
+
+class ResourcesSpec(Section):
+    """What one trial holds; the per-trial CPUs and GPUs are shared evenly among its workers."""
+
+    workers_per_trial: int = Field(1, ge=1)
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)
+    max_failures: int = Field(0, ge=0)  # restarts of a crashed trial from its last checkpoint
+
+    def trial_resources(self) -> TrialResources:
+        workers = self.workers_per_trial
+        return TrialResources(
+            workers=workers, use_gpu=self.gpus_per_trial > 0, cpus_per_worker=self.cpus_per_trial / workers,
+            gpus_per_worker=(self.gpus_per_trial or 1.0) / workers, max_failures=self.max_failures,
+        )
+
+
+class BudgetSpec(Section):
+    num_samples: int = Field(32, ge=1)  # trials in all, the enqueued ones included
+    max_epochs: int | None = Field(None, ge=1)  # sets train.epochs; None keeps the experiment's
+
+
+class EnqueuedPoint(Section):
+    name: str
+    audited: bool = False  # the audited configuration the sweep starts from
+    params: dict[str, Any]
+
+
+def _default_objectives() -> list[Objective]:
+    return [Objective(metric="au", mode="max"), Objective(metric="recon_mu", mode="min")]
+
+
+class SweepSpec(Section):
+    description: str = ""
+    experiment: str
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    space: dict[str, Any] | None = None
+    objectives: list[Objective] = Field(default_factory=_default_objectives, min_length=1)
+    early_stop: EarlyStopSpec = Field(default_factory=EarlyStopSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    budget: BudgetSpec = Field(default_factory=BudgetSpec)
+    enqueue: list[EnqueuedPoint] = Field(default_factory=list)
+    smoke: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> SweepSpec:
+        metrics = [o.metric for o in self.objectives]
+        if len(set(metrics)) < len(metrics):
+            raise ValueError(f"objectives name a metric twice: {metrics}")
+        asha = self.early_stop.asha
+        if asha.metric not in (None, metrics[0]) and asha.mode is None:
+            raise ValueError(f"early_stop.asha.mode: give the mode (min or max) of '{asha.metric}'")
+        return self
+
+
+# --------------------------------------------------------------------------- the resolved sweep
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A validated sweep: its spec with the command line applied, and the base experiment of every trial."""
+
+    name: str
+    spec: SweepSpec
+    experiment: ExperimentConfig  # the base experiment with the fixed overrides and train.epochs applied
+    space: Space
+    smoke: bool = False
+
+    @property
+    def epochs(self) -> int:
+        return self.experiment.train.epochs
+
+    @property
+    def objectives(self) -> list[tuple[str, str]]:
+        return [(o.metric, o.mode) for o in self.spec.objectives]
+
+    @property
+    def asha_objective(self) -> tuple[str, str]:
+        """ASHA's (metric, mode): its own, else the first objective's."""
+        asha, first = self.spec.early_stop.asha, self.spec.objectives[0]
+        return asha.metric or first.metric, asha.mode or first.mode
+
+    def trial_overrides(self, params: Mapping[str, Scalar]) -> dict[str, Any]:
+        """The dotted experiment overrides of a trial's sampled ``params``."""
+        return self.space.overrides(params, self.epochs)
+
+    def experiment_for(self, params: Mapping[str, Scalar], source: str = "trial") -> ExperimentConfig:
+        raw = self.experiment.model_dump(mode="json")
+        for key, value in self.trial_overrides(params).items():
+            set_dotted(raw, key, value, schema=ExperimentConfig)
+        return validate_experiment(raw, source=source)
+
+    def record(self) -> dict[str, Any]:
+        """What a resumed sweep needs to run exactly this sweep again (plain YAML/JSON types)."""
+        return {
+            "sweep": self.name, "smoke": self.smoke,
+            "spec": self.spec.model_dump(mode="json"), "experiment": self.experiment.model_dump(mode="json"),
+        }
+
+    @staticmethod
+    def from_record(record: Mapping[str, Any], changes: Mapping[str, Any] | None = None) -> Sweep:
+        """The sweep of :meth:`record`, with ``changes`` (dotted spec keys such as ``budget.num_samples``)."""
+        raw = copy.deepcopy(dict(record["spec"]))
+        for key, value in (changes or {}).items():
+            set_dotted(raw, key, value, schema=SweepSpec)
+        source = f"sweep record '{record['sweep']}'"
+        spec = _validate_spec(raw, source)
+        experiment = validate_experiment(record["experiment"], source=source)
+        return Sweep(record["sweep"], spec, experiment, parse_space(spec.space, source), bool(record.get("smoke")))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def sweep_names() -> list[str]:
+    return sorted(p.stem for p in SWEEP_DIR.glob("*.yaml"))
+
+
+def sweep_path(name_or_path: str) -> Path:
+    """The YAML of a sweep name (``sweeps/<name>.yaml``) or path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such sweep file")
+        return path
+    named = SWEEP_DIR / f"{name_or_path}.yaml"
+    if not named.is_file():
+        raise ConfigError(f"unknown sweep '{name_or_path}': give a YAML path or one of {', '.join(sweep_names())}")
+    return named
+
+
+def load_sweep(
+    name_or_path: str,
+    smoke: bool = False,
+    changes: Mapping[str, Any] | None = None,
+    overrides: Sequence[tuple[str, Any]] = (),
+) -> Sweep:
+    """Read, merge (``smoke``), change and validate a sweep.
+
+    ``changes`` sets dotted keys of the sweep file (``budget.num_samples``, ``resources.gpus_per_trial``,
+    ...); ``overrides`` are ``(key, value)`` experiment overrides fixed for every trial, as
+    from ``key=value`` on the command line.
+    """
+    path = sweep_path(name_or_path)
+    source = str(path)
+    raw = read_yaml(path)
+    if smoke:
+        if not isinstance(raw.get("smoke"), dict) or not raw["smoke"]:
+            raise ConfigError(f"{source}: --smoke needs a 'smoke:' section of settings to merge")
+        raw = deep_merge(raw, raw["smoke"])
+    for key, value in (changes or {}).items():
+        set_dotted(raw, key, value, schema=SweepSpec)
+    for key, value in overrides:
+        raw.setdefault("overrides", {})
+        if not isinstance(raw["overrides"], dict):
+            break  # the spec's validation names the problem
+        raw["overrides"][key] = value
+    spec = _validate_spec(raw, source)
+    space = parse_space(spec.space, source)
+    experiment = _base_experiment(spec, path, source)
+    sweep = Sweep(path.stem, spec, experiment, space, smoke)
+    check_sweep(sweep, source)
+    return sweep
+
+
+def _validate_spec(raw: dict, source: str) -> SweepSpec:
+    try:
+        return SweepSpec.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(first_line(format_validation_error(err, source))) from None
+
+
+def _base_experiment(spec: SweepSpec, path: Path, source: str) -> ExperimentConfig:
+    name = spec.experiment
+    if Path(name).suffix in (".yaml", ".yml") and not Path(name).is_absolute():
+        name = str(path.parent / name)  # a path is relative to the sweep file
+    try:
+        raw = load_experiment(name).model_dump(mode="json")
+    except ConfigError as err:
+        raise ConfigError(f"{source}: experiment: {first_line(err)}") from None
+    for key, value in spec.overrides.items():
+        try:
+            set_dotted(raw, key, value, schema=ExperimentConfig)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: overrides: {err}") from None
+    if spec.budget.max_epochs is not None:
+        raw["train"]["epochs"] = spec.budget.max_epochs
+    try:
+        return validate_experiment(raw, source=f"{source}: overrides")
+    except ConfigError as err:
+        raise ConfigError(first_line(err)) from None
+
+
+def first_line(err: Exception | str) -> str:
+    """The first problem of a (possibly multi-line) error: every error of a sweep is one line."""
+    return str(err).splitlines()[0]
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def reported_metrics(modalities: Sequence[str]) -> tuple[str, ...]:
+    """The numeric metrics every trial reports each epoch, derived from ``vae.train.epoch_metrics`` itself.
+
+    It is called with stand-ins that read as 0 for any key (and as a list of zeros where a
+    per-modality list is expected), so the names cannot drift from what training reports.
+    """
+    from vae.train import TrainPass, epoch_metrics
+
+    class Zero(float):
+        def __iter__(self):
+            return itertools.repeat(0.0)
+
+    class AnyKey(dict):
+        def __missing__(self, key):
+            return Zero(0.0)
+
+    metrics = epoch_metrics(1, TrainPass(AnyKey(), 0, None), AnyKey(), list(modalities), 0.0, 0.0)
+    return tuple(key for key, value in metrics.items() if not isinstance(value, str))
+
+
+def check_sweep(sweep: Sweep, source: str) -> None:
+    """Reject, before any compute, what no trial could run or report."""
+    spec, space = sweep.spec, sweep.space
+    reported = reported_metrics(sweep.experiment.data.modalities)
+    metrics = [(f"objectives[{i}].metric", o.metric) for i, o in enumerate(spec.objectives)]
+    if spec.early_stop.uses_asha:
+        metrics.append(("early_stop.asha.metric", sweep.asha_objective[0]))
+    for where, metric in metrics:
+        if metric not in reported:
+            raise ConfigError(f"{source}: {where}: no trial reports '{metric}'; reported metrics: {', '.join(reported)}")
+    for name, settings in _settings(space):
+        for key in settings:
+            if key in spec.overrides:
+                raise ConfigError(f"{source}: '{key}' is both searched (space.{name}) and fixed (overrides); keep one")
+            if any(key == k or key.startswith(k + ".") for k in _CACHE_KEYS):
+                raise ConfigError(
+                    f"{source}: space.{name} searches '{key}', which decides the prepared data cache; fix it in overrides"
+                )
+    for param in space.params:
+        for value in param.extremes():
+            try:
+                sweep.experiment_for({param.name: value}, source=f"{source}: space.{param.name}={value!r}")
+            except ConfigError as err:
+                raise ConfigError(first_line(err)) from None
+    names = [point.name for point in spec.enqueue]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"{source}: enqueue: two points share a name: {names}")
+    for i, point in enumerate(spec.enqueue):
+        where = f"{source}: enqueue[{i}] '{point.name}'"
+        space.check_point(point.params, where)
+        try:
+            sweep.experiment_for(point.params, source=where)
+        except ConfigError as err:
+            raise ConfigError(first_line(err)) from None
+
+
+def _settings(space: Space) -> list[tuple[str, Mapping[str, Any]]]:
+    """``(parameter, {key: value})`` for every way a parameter sets experiment keys."""
+    out = []
+    for param in space.params:
+        if param.kind == "group":
+            out.extend((param.name, setting) for setting in param.settings.values())
+        else:
+            out.append((param.name, {param.name: None}))
+    return out
+
+
+# --------------------------------------------------------------------------- warnings
+
+
+def collapse_warnings(sweep: Sweep) -> list[str]:
+    """One line for each likelihood the space can reach, and each enqueued point, whose
+    effective decoder variance makes collapse the optimum (see ``COLLAPSE_VARIANCE_SHARE``)."""
+    cfg = sweep.experiment
+    voxels = cfg.in_channels * cfg.data.size**3
+    lines = []
+    beta, sigma2 = max(_reachable(sweep, "objective.kl.beta")), max(_reachable(sweep, "objective.sigma2"))
+    for likelihood in dict.fromkeys(_reachable(sweep, "objective.likelihood")):
+        what = f"likelihood {likelihood} with beta up to {beta:g}"
+        what += f" and sigma2 up to {sigma2:g}" if likelihood == "gaussian" else ""
+        lines.append(_collapse_line(likelihood, beta, sigma2, voxels, cfg, f"{what} (in the space)"))
+    for point in sweep.spec.enqueue:
+        objective = sweep.experiment_for(point.params).objective
+        what = f"enqueued point '{point.name}' ({objective.likelihood}, beta {objective.kl.beta:g})"
+        lines.append(_collapse_line(objective.likelihood, objective.kl.beta, objective.sigma2, voxels, cfg, what))
+    return [line for line in lines if line]
+
+
+def _collapse_line(
+    likelihood: str, beta: float, sigma2: float, voxels: int, cfg: ExperimentConfig, what: str
+) -> str | None:
+    s2 = effective_sigma2(likelihood, sigma2, beta, voxels)
+    if s2 is None or s2 < COLLAPSE_VARIANCE_SHARE * voxels:
+        return None
+    # The effective variance grows linearly with beta: this is where collapse becomes the optimum.
+    beta_at = COLLAPSE_VARIANCE_SHARE * voxels / effective_sigma2(likelihood, sigma2, 1.0, voxels)
+    share = s2 / voxels
+    survive = (
+        f"no latent can stay active (one would have to explain {share:.0%} of the data's total variance)"
+        if share >= 1 else
+        f"a latent direction must explain more than {share:.0%} of the data's total variance to stay active"
+    )
+    return (
+        f"warning: {what} makes collapse the optimum from beta {beta_at:.3g} on: effective sigma^2 = {s2:.3g} "
+        f"for D = {voxels} voxels ({cfg.in_channels}x{cfg.data.size}^3), so {survive}"
+    )
+
+
+def _reachable(sweep: Sweep, key: str) -> list[Any]:
+    """Every value ``key`` can take in a trial: the base experiment's, unless an unconditional
+    parameter always sets it, and each value the space can give it."""
+    base = sweep.experiment.model_dump()
+    for part in key.split("."):
+        base = base[part]
+    values = []
+    always_set = False
+    for param in sweep.space.params:
+        if param.kind == "group":
+            values += [setting[key] for setting in param.settings.values() if key in setting]
+        elif param.name == key:
+            values += [param.settings_for(value, sweep.epochs)[key] for value in param.extremes()]
+            always_set = always_set or not param.when
+    return values if always_set else [base, *values]
+

@@ -1,0 +1,131 @@
+"""When a trial counts as collapsed, and how each trial ended: pure functions over its epoch history.
+
+A trial is *collapsed* in an epoch when ``AU <= au_min`` and ``KL_raw <= kl_min``. The
+rule may stop it only once its KL and DIP schedules are at full strength: an epoch is at
+full strength when the reported KL weight has reached beta, the capacity (if annealed)
+C_max and the DIP weight (if any) 1. The first such epoch opens a grace period of
+``grace_epochs``; after it, every collapsed full-strength epoch adds one to the streak,
+a healthy epoch resets it, and a collapsed epoch on a ramp of cyclical annealing (weight
+below beta) neither counts nor resets. The trial stops when the streak reaches
+``patience``, so with cyclical annealing only the plateaus count, and a trial that revives
+on the next ramp starts again from zero. (Give a patience longer than one plateau to
+demand that the collapse survive a ramp.)
+
+Everything is computed from the history the trial writes to its ``epochs.csv`` (the chief
+writes each row before it reports the epoch), never from state kept by the sweep's
+driver: a stopper, the searcher and the outputs all reach the same verdict, also for a
+trial continued from its checkpoint by a resumed sweep.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Mapping, Sequence
+
+from pydantic import Field
+
+from vae.config import ExperimentConfig, Section
+
+Status = Literal["completed", "collapsed", "diverged", "asha_stopped", "failed", "interrupted"]
+# Relative tolerance of "the schedule has reached its target" (the weights pass through a CSV as text).
+_FULL_TOLERANCE = 1e-9
+
+
+class CollapseRule(Section):
+    au_min: float = Field(0.0, ge=0)  # active units at or below this count as collapsed ...
+    kl_min: float = Field(0.5, ge=0)  # ... together with KL_raw (nats, summed over dims) at or below this
+    patience: int = Field(3, ge=1)  # collapsed full-strength epochs in a row that stop the trial
+    grace_epochs: int = Field(0, ge=0)  # epochs ignored after the schedules first reach full strength
+
+
+@dataclass(frozen=True)
+class ScheduleTargets:
+    """The full-strength values of one experiment's KL, capacity and DIP schedules."""
+
+    beta: float
+    capacity_max: float | None
+    dip: bool
+
+    @staticmethod
+    def of(cfg: ExperimentConfig) -> ScheduleTargets:
+        objective = cfg.objective
+        return ScheduleTargets(objective.kl.beta, objective.kl.capacity_max, objective.dip.kind != "none")
+
+
+def _reached(value: float, target: float) -> bool:
+    return value >= target * (1.0 - _FULL_TOLERANCE)
+
+
+def at_full_strength(row: Mapping[str, float], targets: ScheduleTargets) -> bool:
+    """Whether the epoch ``row`` (its reported ``kl_weight``, ``capacity``, ``dip_weight``) ran at full strength."""
+    if not _reached(row["kl_weight"], targets.beta):
+        return False
+    if targets.capacity_max is not None and not _reached(row["capacity"], targets.capacity_max):
+        return False
+    return not targets.dip or _reached(row["dip_weight"], 1.0)
+
+
+def is_collapsed(row: Mapping[str, float], rule: CollapseRule) -> bool:
+    return row["au"] <= rule.au_min and row["kl_raw"] <= rule.kl_min
+
+
+def collapse_streak(rows: Sequence[Mapping[str, float]], rule: CollapseRule, targets: ScheduleTargets) -> int:
+    """Collapsed full-strength epochs in a row at the end of ``rows`` (see the module docstring)."""
+    streak, grace_ends = 0, None
+    for i, row in enumerate(rows):
+        full = at_full_strength(row, targets)
+        if grace_ends is None:
+            if not full:
+                continue
+            grace_ends = i + rule.grace_epochs
+        if i < grace_ends:
+            continue
+        if not is_collapsed(row, rule):
+            streak = 0
+        elif full:
+            streak += 1
+    return streak
+
+
+def numeric_rows(rows: Sequence[Mapping[str, str]], keys: Sequence[str]) -> list[dict[str, float]]:
+    """``keys`` of each ``epochs.csv`` row as floats (a missing or empty cell is NaN)."""
+    return [{key: float(row.get(key) or math.nan) for key in keys} for row in rows]
+
+
+HISTORY_KEYS = ("epoch", "au", "kl_raw", "kl_weight", "capacity", "dip_weight")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: Status
+    reason: str  # why the trial ended, for people (Optuna's user attribute ``stop_reason``)
+
+
+def trial_outcome(
+    last: Mapping[str, object] | None,
+    error: bool,
+    streak: int,
+    rule: CollapseRule | None,
+    stopped_by_asha: bool,
+) -> Outcome:
+    """How a trial ended, from its last reported metrics and the sweep's rules (``rule`` None: no collapse rule).
+
+    The collapse verdict comes before "completed": a trial collapsed in its last epochs is
+    collapsed even when the budget ran out at the same moment. A trial that ended while
+    still running, stopped by neither rule, was interrupted (the sweep was stopped).
+    """
+    if error:
+        return Outcome("failed", "error: the trial raised (its Tune folder holds error.txt)")
+    if not last:  # Tune let it go before it started
+        return Outcome("interrupted", "stopped before its first epoch by the end of the sweep's driver")
+    if last.get("status") == "diverged":
+        return Outcome("diverged", f"the {last.get('diverged_term') or 'loss'} term became NaN or infinite "
+                                   f"in epoch {last.get('epoch')}")
+    if rule is not None and streak >= rule.patience:
+        return Outcome("collapsed", f"AU <= {rule.au_min:g} and KL_raw <= {rule.kl_min:g} for {streak} "
+                                    f"full-strength epochs up to epoch {last.get('epoch')}")
+    if last.get("status") == "completed":
+        return Outcome("completed", "")
+    if stopped_by_asha:
+        return Outcome("asha_stopped", f"ASHA stopped it after epoch {last.get('epoch')}")
+    return Outcome("interrupted", f"stopped in epoch {last.get('epoch')} by the end of the sweep's driver")

@@ -1,0 +1,331 @@
+"""The sweep report: Pareto front selection, the pictures, and index.html on full and partial sweeps.
+
+A synthetic sweep directory: a healthy completed trial, a collapsed audited one (AU 0, KL
+near 1 nat), a diverged one with two epochs (its last KL is the non-finite sentinel), a
+failed one without epochs or number, two more completed ones, an ASHA-stopped one and a
+trial that is running (in epochs.csv only); a real Optuna study in SQLite with PRUNED and
+FAIL trials beside the completed ones.
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import re
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import optuna
+import pytest
+from matplotlib.figure import Figure
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+from sweeps.report import (
+    Skipped,
+    curves_figure,
+    kl_scale,
+    load_curves,
+    load_trials,
+    param_importances,
+    pareto_figure,
+    pareto_front,
+    progress_figure,
+    write_report,
+)
+from vae.report import NONFINITE_SENTINEL
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+PICTURES = ["curves.png", "pareto.png", "importances.png", "recon_best.png", "recon_audited.png", "params.png"]
+TWO_OBJECTIVES = [("au", "max"), ("recon_mu", "min")]
+DISTRIBUTIONS = {
+    "objective.kl.beta": FloatDistribution(1e-4, 10.0, log=True),
+    "objective.likelihood": CategoricalDistribution(["gaussian_sum", "mse_mean"]),
+}
+# trial_id: (number, status, audited, beta, likelihood, final au, final kl_raw, final recon_mu, run_dir kind)
+TRIALS = {
+    "t0": ("0", "completed", "", 0.01, "gaussian_sum", "12", "40", "0.02", "relative"),
+    "t1": ("1", "collapsed", "true", 4.0, "mse_mean", "0", "1.1", "0.09", "absolute"),
+    "t2": ("2", "diverged", "", 0.001, "gaussian_sum", "", str(NONFINITE_SENTINEL), "", "relative"),
+    "t3": ("", "failed", "", 0.5, "gaussian_sum", "", "", "", "none"),
+    "t4": ("4", "completed", "false", 0.1, "gaussian_sum", "8", "25", "0.015", "relative"),
+    "t5": ("5", "completed", "", 1.0, "mse_mean", "5", "10", "0.03", "relative"),
+    "t6": ("6", "asha_stopped", "", 0.05, "gaussian_sum", "14", "30", "0.01", "relative"),
+}
+# trial_id: (au per epoch, kl_raw per epoch)
+EPOCHS = {
+    "t0": ([2, 5, 8, 10, 12], [5, 15, 25, 35, 40]),
+    "t1": ([0, 0, 0, 0, 0], [3.0, 1.5, 1.2, 1.1, 1.1]),
+    "t2": ([1, 0], [2.0, NONFINITE_SENTINEL]),
+    "t4": ([1, 3, 6, 8], [4, 10, 20, 25]),
+    "t5": ([1, 2, 4, 5], [2, 5, 8, 10]),
+    "t6": ([3, 9], [12, 30]),
+    "t7": ([1], [6]),  # running: not in trials.csv yet
+}
+
+
+def write_csv(path: Path, rows: list[dict[str, object]]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_panel(path: Path, shade: float) -> None:
+    """A small stand-in for a reconstruction panel, distinct per trial through ``shade``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(2, 4))
+    for row, ax in enumerate(fig.subplots(4, 1)):
+        ax.imshow(np.full((8, 8), shade * (row + 1)), cmap="gray", vmin=0, vmax=4)
+    fig.savefig(path, format="png", dpi=50)
+
+
+@pytest.fixture
+def sweep_dir(tmp_path: Path) -> Path:
+    out = tmp_path / "sweep"
+    out.mkdir()
+    rows = []
+    for trial_id, (number, status, audited, beta, likelihood, au, kl, recon, kind) in TRIALS.items():
+        absolute = str(tmp_path / "elsewhere" / trial_id)
+        run_dir = {"relative": f"trials/{trial_id}", "absolute": absolute, "none": ""}[kind]
+        rows.append({
+            "trial_id": trial_id, "number": number, "status": status, "epochs": len(EPOCHS.get(trial_id, ([],))[0]),
+            "stop_reason": "au_zero" if status == "collapsed" else "", "run_dir": run_dir,
+            "param/objective.kl.beta": beta, "param/objective.likelihood": likelihood,
+            "final/au": au, "final/kl_raw": kl, "final/recon_mu": recon, "best/au": au, "audited": audited,
+        })
+    write_csv(out / "trials.csv", rows)
+    write_csv(out / "epochs.csv", [
+        {"trial_id": trial_id, "epoch": epoch + 1, "au": au, "kl_raw": kl, "recon_mu": 0.1, "status": "running",
+         "kl_weight": 1.0}
+        for trial_id, (aus, kls) in EPOCHS.items() for epoch, (au, kl) in enumerate(zip(aus, kls))
+    ])
+    write_panel(out / "trials" / "t0" / "recon_latest.png", 1.0)
+    write_panel(tmp_path / "elsewhere" / "t1" / "recon_latest.png", 0.2)
+    return out
+
+
+def make_study(tmp_path: Path, directions: list[str], trials: dict[str, tuple] = TRIALS) -> optuna.Study:
+    """A SQLite study holding the completed and collapsed trials as COMPLETE, plus one PRUNED and one FAIL."""
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/study.db", directions=directions)
+    for number, status, _, beta, likelihood, au, _, recon, _ in trials.values():
+        params = {"objective.kl.beta": beta, "objective.likelihood": likelihood}
+        if status in ("completed", "collapsed"):
+            values = [float(au), float(recon)][: len(directions)]
+            study.add_trial(create_trial(params=params, distributions=DISTRIBUTIONS, values=values))
+        elif status == "asha_stopped":
+            study.add_trial(create_trial(params=params, distributions=DISTRIBUTIONS, state=TrialState.PRUNED))
+        elif status == "failed":
+            study.add_trial(create_trial(params=params, distributions=DISTRIBUTIONS, state=TrialState.FAIL))
+    return study
+
+
+@pytest.fixture(scope="module")
+def two_objective_study(tmp_path_factory: pytest.TempPathFactory) -> optuna.Study:
+    return make_study(tmp_path_factory.mktemp("study"), ["maximize", "minimize"])
+
+
+def assert_png(path: Path) -> None:
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[2] in (3, 4) and min(image.shape[:2]) >= 50, (path, image.shape)
+
+
+def section(page: str, heading: str) -> str:
+    """The HTML from ``heading`` up to the next heading."""
+    start = page.index(heading)
+    following = re.search(r"<h[23]>", page[start:])
+    return page[start: start + following.start() if following else None]
+
+
+# --------------------------------------------------------------------------- Pareto front
+
+
+@pytest.mark.parametrize(
+    "points, modes, expected",
+    [
+        # (3, 4) is beaten by (2, 3); (5, 5) by everything below it
+        ([[1, 5], [2, 3], [3, 4], [4, 1], [5, 5]], ("min", "min"), [0, 1, 3]),
+        # same points, x maximised: (5, 5) has the largest x, (4, 1) the smallest y
+        ([[1, 5], [2, 3], [3, 4], [4, 1], [5, 5]], ("max", "min"), [3, 4]),
+        ([[1, 1], [2, 2]], ("max", "max"), [1]),
+        # equal points do not dominate each other: both stay
+        ([[1, 1], [1, 1], [2, 0], [2, 2]], ("min", "min"), [0, 1, 2]),
+        # a tie in one objective and better in the other dominates
+        ([[1, 2], [1, 3]], ("min", "min"), [0]),
+        # a NaN row is never on the front and beats nothing
+        ([[math.nan, 0], [1, 1], [0, 2]], ("min", "min"), [1, 2]),
+        (np.zeros((0, 2)), ("min", "max"), []),
+    ],
+)
+def test_pareto_front_hand_made(points, modes, expected):
+    assert pareto_front(np.array(points, dtype=float), modes).tolist() == expected
+
+
+def test_pareto_front_matches_pairwise_definition():
+    rng = np.random.default_rng(0)
+    points = rng.integers(0, 5, size=(40, 2)).astype(float)  # many ties
+    for modes in itertools.product(("min", "max"), repeat=2):
+        better = [(lambda a, b: a < b) if mode == "min" else (lambda a, b: a > b) for mode in modes]
+        expected = [
+            i for i, p in enumerate(points)
+            if not any(
+                all(not better[k](p[k], q[k]) for k in range(2)) and any(better[k](q[k], p[k]) for k in range(2))
+                for q in points
+            )
+        ]
+        assert pareto_front(points, modes).tolist() == expected, modes
+
+
+@pytest.mark.parametrize(
+    "points, modes, message",
+    [([[1, 2]], ("min", "maximize"), "'min' or 'max'"), ([[1, 2, 3]], ("min", "min"), r"\[N, 2\]")],
+)
+def test_pareto_front_rejects_bad_input(points, modes, message):
+    with pytest.raises(ValueError, match=message):
+        pareto_front(np.array(points, dtype=float), modes)
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        ([1.0, 10.0, 300.0], ("log", {})),
+        ([0.0, 0.5, 40.0, math.nan], ("symlog", {"linthresh": 0.5})),
+        ([0.0, 0.0, math.nan], ("linear", {})),
+    ],
+)
+def test_kl_scale(values, expected):
+    assert kl_scale(np.array(values)) == expected
+
+
+def test_load_trials_reads_cells(sweep_dir: Path, tmp_path: Path):
+    trials = {t.trial_id: t for t in load_trials(sweep_dir)}
+    assert trials["t0"].run_dir == sweep_dir / "trials" / "t0"
+    assert trials["t1"].run_dir == tmp_path / "elsewhere" / "t1" and trials["t1"].audited
+    assert trials["t3"].number is None and trials["t3"].run_dir is None and math.isnan(trials["t3"].metric("au"))
+    assert math.isnan(trials["t2"].metric("final/kl_raw"))  # the non-finite sentinel
+    assert trials["t0"].params == {"objective.kl.beta": "0.01", "objective.likelihood": "gaussian_sum"}
+    assert trials["t0"].metric("best/au") == 12.0 and not trials["t4"].audited
+
+
+def test_curves_figure_lines(sweep_dir: Path):
+    trials = load_trials(sweep_dir)
+    fig = curves_figure(trials, load_curves(sweep_dir / "epochs.csv", ("au", "kl_raw")))
+    ax_au, ax_kl = fig.axes
+    assert len(ax_au.get_lines()) == len(EPOCHS)  # the failed trial has no epochs
+    dashed = [line for line in ax_kl.get_lines() if line.get_linestyle() == "--"]
+    assert len(dashed) == 1 and dashed[0].get_color() == "#d62728"  # the audited trial, collapsed: red
+    assert np.allclose(dashed[0].get_ydata(), EPOCHS["t1"][1])
+    assert ax_kl.get_yscale() == "log"  # the sentinel is dropped, every other KL is positive
+    assert "1 without epochs" in fig.get_suptitle()
+
+
+@pytest.mark.parametrize("au_mode, steps", [("max", "steps-pre"), ("min", "steps-post")])
+def test_pareto_figure_front(sweep_dir: Path, au_mode: str, steps: str):
+    fig = pareto_figure(load_trials(sweep_dir), [("au", au_mode), ("recon_mu", "min")])
+    (front_line,) = fig.axes[0].get_lines()
+    # max AU: trials 4 (8, 0.015) and 0 (12, 0.02); min AU: the collapsed trial is not completed, trial 5 is
+    expected = {"max": ([8, 12], [0.015, 0.02]), "min": ([5, 8], [0.03, 0.015])}[au_mode]
+    assert (front_line.get_xdata().tolist(), front_line.get_ydata().tolist()) == expected
+    assert front_line.get_drawstyle() == steps
+
+
+def test_progress_figure_best_so_far(sweep_dir: Path):
+    fig = progress_figure(load_trials(sweep_dir), ("au", "max"))
+    (best_line,) = fig.axes[0].get_lines()
+    # completed trials 0, 4, 5 with AU 12, 8, 5: the best so far stays 12
+    assert best_line.get_xdata().tolist() == [0, 4, 5] and best_line.get_ydata().tolist() == [12, 12, 12]
+
+
+def test_importances_per_objective(two_objective_study: optuna.Study):
+    importances = param_importances(two_objective_study, TWO_OBJECTIVES)
+    assert list(importances) == ["au", "recon_mu"]
+    for shares in importances.values():
+        assert set(shares) == set(DISTRIBUTIONS) and sum(shares.values()) == pytest.approx(1.0)
+
+
+def test_importances_name_what_is_missing(tmp_path: Path):
+    constant = {key: (*row[:5], "3", *row[6:]) for key, row in TRIALS.items()}  # AU 3 everywhere
+    importances = param_importances(make_study(tmp_path, ["maximize", "minimize"], constant), TWO_OBJECTIVES)
+    assert "same (3) for every completed trial" in importances["au"] and isinstance(importances["recon_mu"], dict)
+    with pytest.raises(Skipped, match="no Optuna study"):
+        param_importances(None, TWO_OBJECTIVES)
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def test_report_two_objectives(sweep_dir: Path, tmp_path: Path, two_objective_study: optuna.Study):
+    index = write_report(sweep_dir, two_objective_study, TWO_OBJECTIVES)
+    assert index == sweep_dir / "report" / "index.html"
+    page = index.read_text()
+    for name in PICTURES:
+        assert_png(sweep_dir / "report" / name)
+        assert f'src="{name}"' in page
+    assert "<script" not in page and "http" not in page  # self-contained
+    counts = dict(re.findall(r"<tr><td>(\w+)</td><td>(\d+)</td></tr>", section(page, "Trials by status")))
+    assert counts == {"completed": "3", "collapsed": "1", "diverged": "1", "asha_stopped": "1", "failed": "1",
+                      "total": "7"}
+    states = dict(re.findall(r"<tr><td>(\w+)</td><td>(\d+)</td></tr>", section(page, "Optuna study")))
+    assert states == {"COMPLETE": "4", "PRUNED": "1", "FAIL": "1"}
+    best = section(page, "Best completed trial by au")
+    assert "trial 0" in best and "<td>0.01</td>" in best and "gaussian_sum" in best
+    assert "trial 4" in section(page, "Best completed trial by recon_mu")
+    front = section(page, "Pareto front")  # t6 would dominate both but is not completed; t5 is dominated
+    assert "trial 0" in front and "trial 4" in front and "trial 5" not in front and "trial 6" not in front
+    assert "mse_mean" in section(page, "Audited configuration")
+    best_panel, audited_panel = sweep_dir / "trials/t0/recon_latest.png", tmp_path / "elsewhere/t1/recon_latest.png"
+    assert (sweep_dir / "report" / "recon_best.png").read_bytes() == best_panel.read_bytes()
+    assert (sweep_dir / "report" / "recon_audited.png").read_bytes() == audited_panel.read_bytes()
+    assert "Left out" not in page
+
+
+def test_report_single_objective(sweep_dir: Path, tmp_path: Path):
+    page = write_report(sweep_dir, make_study(tmp_path, ["maximize"]), [("au", "max")]).read_text()
+    for name in PICTURES:
+        assert_png(sweep_dir / "report" / name)
+    assert "Pareto front" not in page and "best so far" in page
+
+
+def test_report_without_study_or_epochs(sweep_dir: Path):
+    write_report(sweep_dir, None, TWO_OBJECTIVES)
+    assert (sweep_dir / "report" / "curves.png").is_file()
+    (sweep_dir / "epochs.csv").unlink()
+    (sweep_dir / "trials" / "t0" / "recon_latest.png").unlink()
+    page = write_report(sweep_dir, None, TWO_OBJECTIVES).read_text()
+    left_out = section(page, "Left out")
+    for name, reason in [("curves.png", "epochs.csv not found"), ("importances.png", "no Optuna study given"),
+                         ("recon_best.png", "best completed trial by au (trial 0) has no")]:
+        assert not (sweep_dir / "report" / name).exists(), name  # the earlier picture is gone too
+        assert f"{name}: {reason}" in left_out and f'src="{name}"' not in page
+    for name in ["pareto.png", "recon_audited.png", "params.png"]:
+        assert_png(sweep_dir / "report" / name)
+
+
+def test_report_partial_sweeps(tmp_path: Path):
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "trials.csv").write_text("trial_id,number,status,run_dir\n")  # killed before the first trial ended
+    page = write_report(out, None, [("au", "max")]).read_text()
+    assert "<td>total</td><td>0</td>" in page and not list((out / "report").glob("*.png"))
+    write_csv(out / "trials.csv", [{"trial_id": "a", "number": 0, "status": "completed", "run_dir": "",
+                                    "param/objective.kl.beta": 0.1, "final/au": 3, "final/recon_mu": ""}])
+    (out / "epochs.csv").write_text("trial_id,au\na,3\n")
+    page = write_report(out, None, TWO_OBJECTIVES).read_text()
+    assert "pareto.png: no trial has finite final values of both au and recon_mu" in page
+    assert "curves.png: epochs.csv has no column [&#x27;epoch&#x27;]" in page
+    assert_png(out / "report" / "params.png")
+
+
+def test_report_requires_trials_table(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="trials.csv"):
+        write_report(tmp_path, None, [("au", "max")])
+    (tmp_path / "trials.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="trial_id"):
+        write_report(tmp_path, None, [("au", "max")])
+    with pytest.raises(ValueError, match="one or two"):
+        write_report(tmp_path, None, [])

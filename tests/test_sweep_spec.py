@@ -1,0 +1,371 @@
+"""Sweep definitions without Ray: the shipped sweeps load, every mistake is one line and exit
+status 2 before any compute, the space samples what it says, the collapse rule counts the
+right epochs (cyclical annealing included), and the collapse warning quotes the effective
+sigma^2.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from sweeps.outputs import best_trial, param_labels
+from sweeps.run import main
+from sweeps.spec import Sweep, collapse_warnings, load_sweep, reported_metrics, sweep_names
+from sweeps.space import parse_space
+from sweeps.stopping import CollapseRule, ScheduleTargets, at_full_strength, collapse_streak, trial_outcome
+from vae.config import ConfigError, load_experiment
+from vae.objectives import kl_weight
+
+REPO = Path(__file__).resolve().parents[1]
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+# A valid sweep every error case below breaks in one place.
+MINIMAL = {
+    "experiment": "exp1_baseline_vae",
+    "overrides": {"data.size": 16, "model.depth": 2, "model.z_dim": 8},
+    "space": {"objective.kl.beta": {"low": 0.1, "high": 10.0, "log": True}},
+    "budget": {"num_samples": 2, "max_epochs": 2},
+}
+
+
+def write_sweep(tmp_path: Path, raw: dict, name: str = "mine") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def changed(**sections) -> dict:
+    raw = copy.deepcopy(MINIMAL)
+    raw.update(sections)
+    return raw
+
+
+# --------------------------------------------------------------------------- the shipped sweeps
+
+
+@pytest.mark.parametrize("smoke", [False, True])
+@pytest.mark.parametrize("name", ["dip_sbd", "baseline", "tcvae_sbd"])
+def test_shipped_sweeps_load_and_survive_their_record(name, smoke):
+    assert name in sweep_names()
+    sweep = load_sweep(name, smoke=smoke)
+    assert sweep.name == name and len(sweep.space.params) >= 5
+    audited = [p for p in sweep.spec.enqueue if p.audited]
+    assert len(audited) == 1 and sweep.spec.enqueue[0] is audited[0]  # evaluated first
+    if smoke:
+        cfg = sweep.experiment
+        assert 16 <= cfg.data.size <= 32 and cfg.model.z_dim <= 16 and sweep.epochs <= 5
+        assert sweep.spec.budget.num_samples <= 6 and sweep.spec.resources.gpus_per_trial == 0
+    again = Sweep.from_record(json.loads(json.dumps(sweep.record())))
+    assert again.spec == sweep.spec and again.experiment == sweep.experiment and again.space == sweep.space
+
+
+def test_dip_sbd_starts_from_the_audited_exp2():
+    sweep = load_sweep("dip_sbd")
+    audited = sweep.experiment_for(sweep.spec.enqueue[0].params)
+    exp2 = load_experiment("exp2_dipvae_sbd")
+    assert audited.model == exp2.model
+    obj, ref = audited.objective, exp2.objective
+    assert (obj.likelihood, obj.kl, obj.free_bits, obj.tc) == (ref.likelihood, ref.kl, ref.free_bits, ref.tc)
+    assert (obj.dip.kind, obj.dip.lambda_od, obj.dip.lambda_diag) == ("ii", 10.0, 5.0)
+    # The DIP schedule is searched as a fraction of the run: 20 and 40 of exp2's 200 epochs.
+    assert obj.dip.start_epoch / sweep.epochs == pytest.approx(20 / 200)
+    assert obj.dip.warmup_epochs / sweep.epochs == pytest.approx(40 / 200)
+
+
+# --------------------------------------------------------------------------- errors: one line, exit 2
+
+
+ERRORS = {
+    "unknown sweep": (None, "unknown sweep 'no_such_sweep'"),
+    "yaml syntax": ("space: [unclosed\n", "YAML syntax error"),
+    "unknown top-level key": (changed(budgett={"num_samples": 2}), "budgett: unknown key"),
+    "unknown parameter path": (
+        changed(space={"objective.kl.betta": {"low": 0.1, "high": 1.0}}), "unknown parameter path: unknown key 'betta'"
+    ),
+    "empty space": (changed(space={}), "space is empty"),
+    "low >= high": (changed(space={"objective.kl.beta": {"low": 2.0, "high": 1.0}}), "low (2) must be below high (1)"),
+    "log bound <= 0": (
+        changed(space={"objective.kl.beta": {"low": 0.0, "high": 1.0, "log": True}}), "a log range needs bounds > 0"
+    ),
+    "objective nobody reports": (changed(objectives=[{"metric": "au_typo", "mode": "max"}]), "no trial reports 'au_typo'"),
+    "asha metric nobody reports": (
+        changed(early_stop={"mode": "asha", "asha": {"metric": "loss_typo", "mode": "min"}}),
+        "early_stop.asha.metric: no trial reports 'loss_typo'",
+    ),
+    "invalid choice": (
+        changed(space={"objective.likelihood": {"choices": ["gaussian", "mse_sum"]}}), "objective.likelihood='mse_sum'"
+    ),
+    "when names a later parameter": (
+        changed(space={"objective.sigma2": {"low": 0.1, "high": 1.0, "when": {"objective.likelihood": "gaussian"}}}),
+        "when names 'objective.likelihood', which is not a parameter listed before this one",
+    ),
+    "enqueued point outside the space": (
+        changed(enqueue=[{"name": "far", "params": {"objective.kl.beta": 100.0}}]), "outside the space"
+    ),
+    "searched cache key": (
+        changed(space={"data.phantom.subjects": {"type": "int", "low": 8, "high": 16}}), "decides the prepared data cache"
+    ),
+    "group named like a key": (
+        changed(space={"objective.kl": {"choices": {"a": {"objective.kl.beta": 1.0}, "b": {}}}}),
+        "a group's name may hold no '.'",
+    ),
+    "group choice read as a boolean": (
+        "experiment: exp1_baseline_vae\nspace:\n  capacity: {choices: {on: {}, off: {objective.kl.capacity_max: null}}}\n",
+        "group choice True must be named by text",
+    ),
+    "searched and fixed": (
+        changed(overrides={**MINIMAL["overrides"], "objective.kl.beta": 1.0}), "both searched (space.objective.kl.beta) and fixed"
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_each_mistake_is_one_line_and_exit_2(case, tmp_path, capsys):
+    content, message = ERRORS[case]
+    if content is None:
+        name = "no_such_sweep"
+    else:
+        path = tmp_path / "mine.yaml"
+        path.write_text(content if isinstance(content, str) else yaml.safe_dump(content, sort_keys=False))
+        name = str(path)
+    assert main([name, "--results", str(tmp_path / "results")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "results").exists()  # nothing was started
+
+
+def test_unknown_sweep_lists_the_available_ones(capsys):
+    assert main(["no_such_sweep"]) == 2
+    assert "one of baseline, dip_sbd, tcvae_sbd" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["objective.kl.betta=1"], "unknown key 'betta' in objective.kl"),
+        (["--resume"], "holds no record of any run"),
+        (["--resume", "--max-epochs", "3"], "cannot change --max-epochs"),
+        (["--smoke"], "--smoke needs a 'smoke:' section"),
+        (["--storage", "not a url"], "is not a database URL"),
+    ],
+)
+def test_command_line_mistakes(argv, message, tmp_path, capsys):
+    path = write_sweep(tmp_path, MINIMAL)
+    assert main([str(path), "--results", str(tmp_path / "results"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_the_script_itself_exits_2_with_one_line(tmp_path):
+    """Through ``python sweeps/run.py`` as a user runs it, from another working directory."""
+    bad = write_sweep(tmp_path, changed(space={"objective.kl.beta": {"low": 1.0, "high": 1.0}}))
+    for args, message in ([str(bad)], "low (1) must be below high (1)"), (["nope"], "unknown sweep 'nope'"):
+        done = subprocess.run(
+            [sys.executable, str(REPO / "sweeps" / "run.py"), *args], cwd=tmp_path, capture_output=True, text=True,
+        )
+        assert done.returncode == 2 and done.stdout == "", done
+        assert done.stderr.strip().splitlines() == [done.stderr.strip()] and message in done.stderr
+
+
+# --------------------------------------------------------------------------- the space
+
+
+SPACE = {
+    "objective.likelihood": {"choices": ["mse_mean", "gaussian"]},
+    "objective.sigma2": {"low": 0.01, "high": 1.0, "log": True, "when": {"objective.likelihood": "gaussian"}},
+    "objective.kl.beta": {"low": 0.01, "high": 10.0, "log": True},
+    "free_bits": {"choices": {"none": {"objective.free_bits.floor": 0.0}, "floor": {}}},
+    "objective.free_bits.floor": {"low": 0.05, "high": 1.0, "when": {"free_bits": "floor"}},
+    "model.z_dim": {"type": "int", "low": 4, "high": 64, "log": True},
+    "objective.dip.start_epoch": {"low": 0.0, "high": 0.25, "of_epochs": True},
+}
+
+
+def test_space_turns_values_into_overrides():
+    space = parse_space(SPACE, "test")
+    values = space.suggest(optuna.trial.FixedTrial({
+        "objective.likelihood": "mse_mean", "objective.kl.beta": 0.5, "free_bits": "none", "model.z_dim": 16,
+        "objective.dip.start_epoch": 0.1,
+    }))
+    assert "objective.sigma2" not in values and "objective.free_bits.floor" not in values  # not sampled
+    assert space.overrides(values, epochs=40) == {
+        "objective.likelihood": "mse_mean", "objective.kl.beta": 0.5, "objective.free_bits.floor": 0.0,
+        "model.z_dim": 16, "objective.dip.start_epoch": pytest.approx(4.0),
+    }
+    values = space.suggest(optuna.trial.FixedTrial({
+        "objective.likelihood": "gaussian", "objective.sigma2": 0.1, "objective.kl.beta": 0.5, "free_bits": "floor",
+        "objective.free_bits.floor": 0.3, "model.z_dim": 8, "objective.dip.start_epoch": 0.0,
+    }))
+    overrides = space.overrides(values, epochs=40)
+    assert overrides["objective.sigma2"] == 0.1 and overrides["objective.free_bits.floor"] == 0.3
+
+
+def test_space_samples_conditionally_within_bounds():
+    space = parse_space(SPACE, "test")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    samples = []
+    for _ in range(300):
+        trial = study.ask()
+        samples.append(space.suggest(trial))
+        study.tell(trial, 0.0)
+    for s in samples:
+        assert ("objective.sigma2" in s) == (s["objective.likelihood"] == "gaussian")
+        assert ("objective.free_bits.floor" in s) == (s["free_bits"] == "floor")
+        assert 0.01 <= s["objective.kl.beta"] <= 10 and isinstance(s["model.z_dim"], int) and 4 <= s["model.z_dim"] <= 64
+    # Log-uniform on [0.01, 10]: half the mass lies below the geometric mean sqrt(0.1).
+    below = sum(s["objective.kl.beta"] < math.sqrt(0.01 * 10) for s in samples) / len(samples)
+    assert 0.4 < below < 0.6
+
+
+def test_enqueued_points_are_checked_against_conditions(tmp_path):
+    raw = changed(
+        space={k: SPACE[k] for k in ("objective.likelihood", "objective.sigma2")},
+        enqueue=[{"name": "p", "params": {"objective.likelihood": "mse_mean", "objective.sigma2": 0.1}}],
+    )
+    with pytest.raises(ConfigError, match="'objective.sigma2' is not sampled here"):
+        load_sweep(str(write_sweep(tmp_path, raw)))
+
+
+# --------------------------------------------------------------------------- the collapse rule
+
+
+def row(kl_weight=1.0, au=0.0, kl_raw=0.1, dip_weight=1.0, capacity=0.0):
+    return {"kl_weight": kl_weight, "au": au, "kl_raw": kl_raw, "dip_weight": dip_weight, "capacity": capacity}
+
+
+HEALTHY = row(au=3.0, kl_raw=20.0)
+RULE = CollapseRule(au_min=0, kl_min=0.5, patience=3, grace_epochs=0)
+PLAIN = ScheduleTargets(beta=1.0, capacity_max=None, dip=False)
+
+
+@pytest.mark.parametrize(
+    "rows, rule, targets, expected",
+    [
+        # collapsed from the first epoch: every epoch counts
+        ([row()] * 4, RULE, PLAIN, 4),
+        # a healthy epoch resets the streak
+        ([row(), row(), HEALTHY, row()], RULE, PLAIN, 1),
+        # AU 0 alone is not collapse while the KL is large (the other way round neither)
+        ([row(kl_raw=5.0), row(au=2.0)], RULE, PLAIN, 0),
+        # linear warm-up reaches beta in epoch 3; a grace of 1 epoch then ignores epoch 3
+        ([row(kl_weight=0.3), row(kl_weight=0.7), row(), row(), row()], RULE.model_copy(update={"grace_epochs": 1}),
+         PLAIN, 2),
+        # DIP ramps up over epochs 1-2: those epochs never count
+        ([row(dip_weight=0.0), row(dip_weight=0.5), row(), row()], RULE, ScheduleTargets(1.0, None, True), 2),
+        # capacity below C_max is not full strength
+        ([row(capacity=10.0), row(capacity=25.0), row(capacity=25.0)], RULE, ScheduleTargets(1.0, 25.0, False), 2),
+        # beta may be 0: a zero weight is its full value
+        ([row(kl_weight=0.0)] * 2, RULE, ScheduleTargets(0.0, None, False), 2),
+    ],
+)
+def test_collapse_streak(rows, rule, targets, expected):
+    assert collapse_streak(rows, rule, targets) == expected
+
+
+def test_cyclical_annealing_counts_only_the_plateaus():
+    """Two cycles over 8 epochs with ratio 0.5: the KL weight of vae.objectives, read where
+    validation reads it (after the last of 4 steps), is beta only in epochs 3, 4, 7 and 8."""
+    beta, steps = 2.0, 4
+    weights = [kl_weight(e + (steps - 1) / steps, beta, "cyclical", 8, cycles=2, cycle_ratio=0.5) for e in range(8)]
+    targets = ScheduleTargets(beta, None, False)
+    assert [e + 1 for e, w in enumerate(weights) if at_full_strength(row(kl_weight=w), targets)] == [3, 4, 7, 8]
+    collapsed_throughout = [row(kl_weight=w) for w in weights]
+    # 8 collapsed epochs, but only the 4 on plateaus count; the ramps neither count nor reset
+    assert collapse_streak(collapsed_throughout, RULE, targets) == 4
+    assert collapse_streak(collapsed_throughout[:6], RULE, targets) == 2  # epochs 5-6 are a ramp
+    # reviving on the second ramp (epoch 5) starts again from zero
+    revived = collapsed_throughout[:4] + [row(kl_weight=weights[4], au=2.0, kl_raw=9.0)] + collapsed_throughout[5:]
+    assert collapse_streak(revived, RULE, targets) == 2
+
+
+@pytest.mark.parametrize(
+    "last, error, streak, asha, status",
+    [
+        (None, True, 0, False, "failed"),
+        ({}, False, 0, False, "interrupted"),  # let go before it ran
+        ({"status": "diverged", "diverged_term": "recon", "epoch": 2}, False, 5, False, "diverged"),
+        ({"status": "completed", "epoch": 4}, False, 3, False, "collapsed"),  # collapsed at the last epoch
+        ({"status": "completed", "epoch": 4}, False, 2, True, "completed"),
+        ({"status": "running", "epoch": 2}, False, 0, True, "asha_stopped"),
+        ({"status": "running", "epoch": 2}, False, 0, False, "interrupted"),
+    ],
+)
+def test_trial_outcome(last, error, streak, asha, status):
+    assert trial_outcome(last, error, streak, RULE, asha).status == status
+    if status == "collapsed":
+        assert trial_outcome(last, error, streak, None, asha).status == "completed"  # no collapse rule
+
+
+# --------------------------------------------------------------------------- warnings and small pieces
+
+
+def test_collapse_warning_quotes_the_effective_sigma2(tmp_path):
+    raw = changed(
+        space={"objective.likelihood": {"choices": ["mse_mean", "gaussian"]},
+               "objective.kl.beta": {"low": 0.1, "high": 10.0, "log": True}},
+        enqueue=[{"name": "audited", "params": {"objective.likelihood": "mse_mean", "objective.kl.beta": 1.0}},
+                 {"name": "sound", "params": {"objective.likelihood": "gaussian", "objective.kl.beta": 1.0}}],
+    )
+    lines = collapse_warnings(load_sweep(str(write_sweep(tmp_path, raw))))
+    voxels = 4 * 16**3  # four modalities at 16^3
+    assert len(lines) == 2, lines  # mse_mean in the space and the audited point; gaussian (sigma2 1) is sound
+    assert "likelihood mse_mean with beta up to 10" in lines[0] and f"{10 * voxels / 2:.3g}" in lines[0]
+    assert "from beta 1 on" in lines[0] and "no latent can stay active" in lines[0]
+    assert "'audited'" in lines[1] and f"{voxels / 2:.3g}" in lines[1] and "more than 50%" in lines[1]
+    sound = changed(overrides={**MINIMAL["overrides"], "objective.likelihood": "gaussian"})
+    assert collapse_warnings(load_sweep(str(write_sweep(tmp_path, sound, "sound")))) == []
+
+
+def test_reported_metrics_come_from_the_training_loop():
+    names = reported_metrics(["t1c", "t2f"])
+    assert names[:4] == ("epoch", "au", "kl_raw", "recon_mu")
+    assert {"mi", "val/loss", "kl_weight", "dip_weight", "ssim/t2f"} <= set(names)
+    assert "status" not in names and "diverged_term" not in names and "ssim/t2w" not in names
+
+
+def test_param_labels_are_short_and_unique():
+    names = ["objective.kl.warmup_epochs", "objective.dip.warmup_epochs", "objective.kl.beta", "free_bits"]
+    assert param_labels(names) == {
+        "objective.kl.warmup_epochs": "kl.warmup_epochs", "objective.dip.warmup_epochs": "dip.warmup_epochs",
+        "objective.kl.beta": "beta", "free_bits": "free_bits",
+    }
+
+
+def test_best_trial_is_pareto_optimal_and_best_on_the_first_objective():
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for au, recon in [(5, 0.3), (8, 0.5), (8, 0.4), (2, 0.1), (1, 0.9)]:
+        study.add_trial(optuna.trial.create_trial(values=[au, recon]))
+    assert best_trial(study, [("au", "max"), ("recon_mu", "min")]).values == [8, 0.4]
+    assert best_trial(optuna.create_study(), [("au", "max")]) is None
+
+
+def test_tpe_ranks_pruned_trials_after_every_completed_one():
+    """Collapsed trials are told PRUNED: Optuna 5's TPE must count them as bad, not ignore them.
+
+    Pins the behaviour of Optuna's ``_split_trials`` (private; optuna is pinned below 6): the
+    good group takes COMPLETE trials first and PRUNED ones only when too few trials completed.
+    """
+    from optuna.samplers._tpe.sampler import _split_trials
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    beta = optuna.distributions.FloatDistribution(0.0, 1.0)
+    for i in range(6):
+        study.add_trial(optuna.trial.create_trial(params={"b": i / 10}, distributions={"b": beta}, values=[i, 1 - i / 10]))
+    for i in range(4):
+        study.add_trial(optuna.trial.create_trial(
+            params={"b": 0.9 + i / 100}, distributions={"b": beta}, state=optuna.trial.TrialState.PRUNED,
+        ))
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+    assert len(trials) == 10  # PRUNED trials are part of what TPE models
+    good, bad = _split_trials(study, trials, 3)
+    assert [t.number for t in good] == [3, 4, 5] and {t.number for t in bad} == {0, 1, 2, 6, 7, 8, 9}
+    good, _ = _split_trials(study, trials, 7)  # more good slots than completed trials: one pruned joins
+    assert [t.state.name for t in good].count("PRUNED") == 1
