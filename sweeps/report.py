@@ -35,8 +35,8 @@ from matplotlib.lines import Line2D
 from vae.data.cache import atomic_write
 from vae.report import LATEST_PANEL, NONFINITE_SENTINEL
 
-TRIALS_CSV = "trials.csv"
-EPOCHS_CSV = "epochs.csv"
+from .outputs import EPOCHS_CSV, TRIALS_CSV
+
 REPORT_DIR = "report"
 INDEX_HTML = "index.html"
 CURVES_PNG = "curves.png"

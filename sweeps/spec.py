@@ -35,7 +35,7 @@ from pydantic import Field, ValidationError, model_validator
 from trainables.resources import TrialResources
 from vae.config import (
     ConfigError, ExperimentConfig, Section, deep_merge, format_validation_error, load_experiment, read_yaml,
-    set_dotted, validate_experiment,
+    resolve_yaml, set_dotted, validate_experiment, yaml_names,
 )
 from vae.objectives import effective_sigma2
 
@@ -193,20 +193,12 @@ class Sweep:
 
 
 def sweep_names() -> list[str]:
-    return sorted(p.stem for p in SWEEP_DIR.glob("*.yaml"))
+    return yaml_names(SWEEP_DIR)
 
 
 def sweep_path(name_or_path: str) -> Path:
     """The YAML of a sweep name (``sweeps/<name>.yaml``) or path."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such sweep file")
-        return path
-    named = SWEEP_DIR / f"{name_or_path}.yaml"
-    if not named.is_file():
-        raise ConfigError(f"unknown sweep '{name_or_path}': give a YAML path or one of {', '.join(sweep_names())}")
-    return named
+    return resolve_yaml(name_or_path, SWEEP_DIR, "sweep")
 
 
 def load_sweep(

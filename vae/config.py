@@ -174,22 +174,31 @@ class ExperimentConfig(Section):
 # Loading
 
 
+def yaml_names(directory: Path) -> list[str]:
+    return sorted(p.stem for p in directory.glob("*.yaml"))
+
+
 def experiment_names() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    return yaml_names(CONFIG_DIR)
 
 
-def _resolve(name_or_path: str | Path) -> Path:
+def resolve_yaml(name_or_path: str | Path, directory: Path, kind: str) -> Path:
+    """The YAML file of a name (``directory/<name>.yaml``) or a path; ``kind`` names it in errors."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
-            raise ConfigError(f"{path}: no such experiment file")
+            raise ConfigError(f"{path}: no such {kind} file")
         return path
-    named = CONFIG_DIR / f"{name_or_path}.yaml"
+    named = directory / f"{name_or_path}.yaml"
     if not named.is_file():
         raise ConfigError(
-            f"unknown experiment '{name_or_path}': give a YAML path or one of {', '.join(experiment_names())}"
+            f"unknown {kind} '{name_or_path}': give a YAML path or one of {', '.join(yaml_names(directory))}"
         )
     return named
+
+
+def _resolve(name_or_path: str | Path) -> Path:
+    return resolve_yaml(name_or_path, CONFIG_DIR, "experiment")
 
 
 def read_yaml(path: Path) -> dict:
