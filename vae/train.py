@@ -220,13 +220,16 @@ def validate(
     fb = cfg.objective.free_bits
     acc = ValidationAccumulator(cfg.model.z_dim, free_bits_floor=fb.floor, free_bits_mode=fb.mode, seed=cfg.train.seed)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * B, recon * B, B
-    example, terms = None, None
+    example, terms, template = None, None, None
     for batch in batches:
         x = _volumes(batch, device)
         with precision.autocast(device):
             mu, logvar = vae.encode(x)
             z = vae.reparameterize(mu, logvar)
-            x_hat_mu, x_hat_z, x_hat_zero = vae.decode(mu), vae.decode(z), vae.decode(torch.zeros_like(mu))
+            x_hat_mu, x_hat_z = vae.decode(mu), vae.decode(z)
+            if template is None:  # in eval mode x_hat(0) is one volume for all: decode it once a pass
+                template = vae.decode(torch.zeros_like(mu[:1]))
+        x_hat_zero = template.expand_as(x_hat_mu)
         terms = compute_loss(
             x, x_hat_z.float(), mu, logvar, z, cfg.objective,
             epoch=epoch, total_epochs=cfg.train.epochs, dataset_size=dataset_size,
