@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-time set-up on a fresh machine: a virtual environment in .venv with everything the
-# project needs. Safe to re-run. Set TORCH_SPEC to install another torch build first
-# (e.g. a CUDA wheel on a GPU box); the default is the CPU build 2.13.0.
+# project needs. Safe to re-run. TORCH_SPEC chooses the torch build installed first
+# (default torch==2.13.0: whatever build pip's index offers, the CPU wheel on this project's
+# CI machines); e.g. TORCH_SPEC=torch==2.13.0+cu128 with PIP_EXTRA_INDEX_URL set on a GPU box.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}

@@ -16,12 +16,9 @@ from __future__ import annotations
 import csv
 import json
 import os
-import secrets
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +27,7 @@ import pytest
 import yaml
 from sqlalchemy.exc import OperationalError
 
+from conftest import ray_folder
 from sweeps.stopping import HISTORY_KEYS, CollapseRule, ScheduleTargets, collapse_streak, numeric_rows
 from vae.config import load_experiment
 
@@ -61,13 +59,8 @@ STATES = {"completed": "COMPLETE", "collapsed": "PRUNED", "diverged": "FAIL"}
 
 
 def ray_env(scratch: Path) -> dict[str, str]:
-    """A short folder with a token file for one Ray instance, and the shared data cache."""
-    base = tempfile.mkdtemp(prefix="r", dir="/tmp")
-    Path(base, "token").write_text(secrets.token_hex(32))
-    return {
-        **os.environ, "RAY_TMPDIR": base, "RAY_AUTH_TOKEN_PATH": f"{base}/token", "TMPDIR": base,
-        "COLLAPSE_SWEEP_CACHE": str(scratch / "cache"),
-    }
+    """The environment of one sweep driver: its own Ray folder and token, the shared data cache."""
+    return {**os.environ, **ray_folder(), "COLLAPSE_SWEEP_CACHE": str(scratch / "cache")}
 
 
 def sweep_command(path: Path, results: Path, *args: str) -> list[str]:
@@ -82,13 +75,6 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def load_study(out_dir: Path) -> optuna.Study:
     record = json.loads((out_dir / "sweep.json").read_text())
     return optuna.load_study(study_name=record["study"], storage=f"sqlite:///{out_dir / 'study.db'}")
-
-
-@pytest.fixture(scope="module")
-def scratch():
-    folder = Path(tempfile.mkdtemp(prefix="s", dir="/tmp"))
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- collapse vs sound

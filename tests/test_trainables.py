@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import csv
 import os
-import secrets
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import ray_folder
 from trainables import (
     DRIVER_CPU, ResourceError, TrialResources, max_concurrent_trials, parse_trial_config, train_trial, trial_config,
     trial_resources,
@@ -60,20 +59,6 @@ def small_experiment(cache_dir: Path, **sections) -> ExperimentConfig:
         "train": {"epochs": EPOCHS, "checkpoint_every": 1, "image_every": 1, "mixed_precision": False, "seed": 3},
     }
     return ExperimentConfig.model_validate(deep_merge(raw, sections))
-
-
-def ray_folder() -> dict[str, str]:
-    """A short scratch folder with a token file, as the environment of one Ray instance."""
-    base = tempfile.mkdtemp(prefix="r", dir="/tmp")
-    Path(base, "token").write_text(secrets.token_hex(32))
-    return {"RAY_TMPDIR": base, "RAY_AUTH_TOKEN_PATH": f"{base}/token", "TMPDIR": base}
-
-
-@pytest.fixture(scope="module")
-def scratch():
-    folder = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
