@@ -1,4 +1,4 @@
-"""Posterior collapse and its fix, in about a minute on a CPU.
+"""Posterior collapse and its fix, in a few minutes on a CPU.
 
     python -m vae.demo
 
