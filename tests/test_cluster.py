@@ -154,7 +154,8 @@ def test_opened_ports(rules, ports):
 # ---- SLURM launcher -------------------------------------------------------------------------
 
 def test_sbatch_script_parses():
-    subprocess.run(["bash", "-n", str(SBATCH)], check=True)
+    parsed = subprocess.run(["bash", "-n", str(SBATCH)], capture_output=True, text=True)
+    assert parsed.returncode == 0, parsed.stderr
 
 
 def dry_run(tmp_path: Path, args: list[str], **env: str) -> subprocess.CompletedProcess:
