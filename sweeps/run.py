@@ -32,6 +32,7 @@ if ROOT not in sys.path:
 from trainables.cli import BAD_INPUT_ERRORS  # noqa: E402
 from vae.config import ConfigError, parse_override  # noqa: E402
 
+from sweeps.monitoring import TRACKERS, check_trackers  # noqa: E402
 from sweeps.spec import EARLY_STOP_MODES, load_sweep  # noqa: E402
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
@@ -43,9 +44,10 @@ SPEC_FLAGS = {
     "workers_per_trial": "resources.workers_per_trial",
     "cpus_per_trial": "resources.cpus_per_trial",
     "gpus_per_trial": "resources.gpus_per_trial",
+    "max_concurrent": "resources.max_concurrent",
 }
 # What a resumed sweep may change: how many trials in all, and where they run.
-RESUMABLE_FLAGS = ("num_samples", "workers_per_trial", "cpus_per_trial", "gpus_per_trial")
+RESUMABLE_FLAGS = ("num_samples", "workers_per_trial", "cpus_per_trial", "gpus_per_trial", "max_concurrent")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -66,7 +68,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, shared by its workers")
     parser.add_argument("--workers-per-trial", type=int, help="DDP workers per trial")
     parser.add_argument("--cpus-per-trial", type=float, help="CPUs per trial, shared by its workers")
+    parser.add_argument(
+        "--max-concurrent", type=int,
+        help="trials at once (default: what the live nodes hold; on an autoscaling cluster, what it holds at full size)",
+    )
     parser.add_argument("--seed", type=int, help="seed of the TPE sampler (default: fresh entropy)")
+    parser.add_argument(
+        "--log", action="append", default=[], choices=sorted(TRACKERS), metavar="TRACKER",
+        help="also log every trial to wandb (offline unless WANDB_MODE is set) or mlflow; repeatable",
+    )
     parser.add_argument("--worker-logs", action="store_true", help="show the Ray processes' own log lines")
     parser.add_argument(
         "--no-dashboard", action="store_true",
@@ -104,10 +114,14 @@ def prepare(args: argparse.Namespace):
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        check_trackers(args.log)
         run = prepare(args)
         from sweeps.service import execute
 
-        execute(run, args.address, dashboard=not args.no_dashboard, worker_logs=args.worker_logs, started=STARTED)
+        execute(
+            run, args.address, dashboard=not args.no_dashboard, worker_logs=args.worker_logs, trackers=args.log,
+            started=STARTED,
+        )
     except BAD_INPUT_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

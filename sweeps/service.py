@@ -20,18 +20,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import optuna
 
 from vae.config import ConfigError
-from vae.data.cache import atomic_write
+from vae.data.cache import atomic_write, check_writable
+from vae.data.sources import check_data
 
 from .outputs import (
     RECORD_JSON, STUDY_DB, TABLE_HEADER, TRIALS_DIR, format_params, param_labels, table_line, trial_table,
     write_outputs,
 )
-from .spec import Sweep, collapse_warnings
+from .spec import ResourcesSpec, Sweep, collapse_warnings
 
 TUNE_DIR = "tune"
 
@@ -54,9 +55,12 @@ def new_run(sweep: Sweep, results: Path, run: str | None, storage_url: str | Non
     out_dir = (results / sweep.name / run).resolve()
     if (out_dir / RECORD_JSON).exists():
         raise ConfigError(f"{out_dir} already holds a sweep run; continue it with --resume or choose another --run")
-    storage_url = storage_url or f"sqlite:///{out_dir / STUDY_DB}"
-    _masked(storage_url)  # a malformed URL fails here, before anything starts
-    return SweepRun(sweep, out_dir, f"{sweep.name}-{run}", storage_url, seed)
+    # Everything that can be checked fails here, before Ray starts or anything is written.
+    check_writable(out_dir, "--results")
+    if storage_url is not None:  # the default is created in out_dir, which is writable
+        _check_storage(storage_url)
+    check_data(sweep.experiment.data)
+    return SweepRun(sweep, out_dir, f"{sweep.name}-{run}", storage_url or f"sqlite:///{out_dir / STUDY_DB}", seed)
 
 
 def resume_run(
@@ -69,6 +73,9 @@ def resume_run(
     if storage_url is None and "***" in stored:
         raise ConfigError(f"{out_dir}: its study is in {stored}; give the full URL again with --storage")
     sweep = Sweep.from_record(record, changes)
+    check_writable(out_dir, "--resume")
+    _check_storage(storage_url or stored)
+    check_data(sweep.experiment.data)
     return SweepRun(sweep, out_dir, record["study"], storage_url or stored, seed, resume=True)
 
 
@@ -93,6 +100,41 @@ def _masked(url: str) -> str:
         raise ConfigError(f"--storage: '{url}' is not a database URL such as postgresql://user@host/db") from None
 
 
+def _check_storage(url: str) -> None:
+    """:class:`ConfigError` unless the storage at ``url`` can be opened; creates nothing.
+
+    SQLite: the database's folder must exist and be writable. A server database is
+    connected to once.
+    """
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import NoSuchModuleError, SQLAlchemyError
+    from sqlalchemy.pool import NullPool
+
+    masked, parsed = _masked(url), make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        folder = Path(parsed.database).expanduser().resolve().parent
+        if not folder.is_dir():
+            raise ConfigError(f"--storage: {masked}: the folder {folder} does not exist; create it first")
+        check_writable(folder, "--storage")  # SQLite writes its journal beside the database
+        return
+    try:
+        with create_engine(url, poolclass=NullPool).connect():  # NullPool: closed on leaving
+            pass
+    except NoSuchModuleError:
+        raise ConfigError(
+            f"--storage: {masked}: unknown database '{parsed.drivername}'; use sqlite:///PATH, "
+            "postgresql://user@host/db or mysql://user@host/db"
+        ) from None
+    except ImportError as err:
+        raise ConfigError(f"--storage: {masked}: its database driver is missing ({err}); install it") from None
+    except SQLAlchemyError as err:
+        reason = " ".join(str(getattr(err, "orig", None) or err).split())
+        raise ConfigError(
+            f"--storage: cannot connect to {masked} ({reason}); check the URL and that the server runs"
+        ) from None
+
+
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     # SQLite: wait for a lock rather than fail while a reader (the report, a test) holds it.
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
@@ -107,13 +149,15 @@ def execute(
     address: str | None = None,
     dashboard: bool = True,
     worker_logs: bool = False,
+    trackers: Sequence[str] = (),
     started: float | None = None,
 ) -> dict:
     """Run the sweep's remaining trials and write its outputs; returns the summary.
 
     Ray starts first, so that resources no trial can get fail before anything is written
-    or prepared. ``started`` (``time.perf_counter()``) is when the command began, for the
-    wall time it reports.
+    or prepared. ``trackers`` names optional loggers (``wandb``, ``mlflow``; see
+    :mod:`sweeps.monitoring`). ``started`` (``time.perf_counter()``) is when the command
+    began, for the wall time it reports.
     """
     from vae.data.sources import prepared_cache
 
@@ -150,7 +194,7 @@ def execute(
             print(f"continuing interrupted trials {continued} from their checkpoints", flush=True)
         try:
             if remaining > 0:
-                _tune(run, storage, cache, remaining, concurrent)
+                _tune(run, storage, cache, remaining, concurrent, trackers)
         finally:
             info = {
                 "sweep": sweep.name, "run": run.out_dir.name, "study": run.study_name,
@@ -167,18 +211,38 @@ def execute(
 
 @contextmanager
 def ray_session(sweep: Sweep, address: str | None, dashboard: bool, worker_logs: bool) -> Iterator[int]:
-    """Ray started (or joined) for the sweep; yields how many of its trials fit side by side."""
+    """Ray started (or joined) for the sweep; yields how many of its trials run side by side."""
     import ray
 
-    from trainables import max_concurrent_trials
     from trainables.cli import start_ray
 
-    resources = sweep.spec.resources.trial_resources()
-    start_ray(address, resources, dashboard=dashboard, worker_logs=worker_logs)
+    start_ray(address, sweep.spec.resources.trial_resources(), dashboard=dashboard, worker_logs=worker_logs)
     try:
-        yield max_concurrent_trials(resources)  # a clear error now instead of trials waiting forever
+        yield trial_concurrency(sweep.spec.resources, joined=address is not None)
     finally:
         ray.shutdown()
+
+
+def trial_concurrency(spec: ResourcesSpec, joined: bool) -> int:
+    """How many trials the sweep runs at once on the Ray instance it started or ``joined``.
+
+    By default, as many as the live nodes hold, and a clear error now when not one fits
+    (rather than trials waiting forever). A cluster that autoscales holds more than its live
+    nodes: there ``max_concurrent`` replaces the count, and Tune's pending trials make the
+    autoscaler add nodes. A local instance never grows, so there it only caps the count.
+    """
+    from trainables import ResourceError, max_concurrent_trials
+
+    try:
+        fits_now = max_concurrent_trials(spec.trial_resources())
+    except ResourceError as err:
+        if not (joined and spec.max_concurrent):
+            raise
+        print(f"note: {err}; the trials wait for the autoscaler to add a node that holds them", flush=True)
+        return spec.max_concurrent
+    if spec.max_concurrent is None:
+        return fits_now
+    return spec.max_concurrent if joined else min(spec.max_concurrent, fits_now)
 
 
 def _write_report(out_dir: Path, study: optuna.Study, sweep: Sweep) -> None:
@@ -191,15 +255,22 @@ def _write_report(out_dir: Path, study: optuna.Study, sweep: Sweep) -> None:
         print(f"warning: the report was not written: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
 
 
-def _tune(run: SweepRun, storage: optuna.storages.BaseStorage, cache: Path, remaining: int, concurrent: int) -> None:
+def _tune(
+    run: SweepRun, storage: optuna.storages.BaseStorage, cache: Path, remaining: int, concurrent: int,
+    trackers: Sequence[str],
+) -> None:
     # The sweep prints its own table, and Tune's experiment snapshots only serve Tuner.restore,
     # which a sweep never uses: neither Tune's banner nor its snapshot-frequency warning helps.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune warns when a callback (a tracker writing its database) takes over 0.5 s per result;
+    # next to epochs of seconds to hours that is no bottleneck.
+    os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "30")
     from ray import tune
 
     from trainables import trial_config
 
+    from .monitoring import metrics_exporter, tracker_callbacks
     from .search import CollapseStopper, RecordingASHA, SweepSearch, trainable
 
     sweep = run.sweep
@@ -216,7 +287,11 @@ def _tune(run: SweepRun, storage: optuna.storages.BaseStorage, cache: Path, rema
         ),
         run_config=tune.RunConfig(
             name=f"start-{attempt}", storage_path=str(run.out_dir / TUNE_DIR), stop=stopper,
-            callbacks=[_printer(sweep, searcher)], failure_config=tune.FailureConfig(max_failures=resources.max_failures),
+            callbacks=[
+                _printer(sweep, searcher), metrics_exporter(run.study_name),
+                *tracker_callbacks(trackers, run.out_dir, run.study_name),
+            ],
+            failure_config=tune.FailureConfig(max_failures=resources.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=0,
         ),
     )

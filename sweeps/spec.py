@@ -86,12 +86,13 @@ class ResourcesSpec(Section):
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float = Field(0.0, ge=0)
     max_failures: int = Field(0, ge=0)  # restarts of a crashed trial from its last checkpoint
+    # Trials at once. Default: as many as the nodes alive at the start can hold; on an
+    # autoscaling cluster give what its largest size holds (python -m trainables.cluster says).
+    max_concurrent: int | None = Field(None, ge=1)
 
     def trial_resources(self) -> TrialResources:
-        workers = self.workers_per_trial
-        return TrialResources(
-            workers=workers, use_gpu=self.gpus_per_trial > 0, cpus_per_worker=self.cpus_per_trial / workers,
-            gpus_per_worker=(self.gpus_per_trial or 1.0) / workers, max_failures=self.max_failures,
+        return TrialResources.per_trial(
+            self.workers_per_trial, self.cpus_per_trial, self.gpus_per_trial, self.max_failures
         )
 
 

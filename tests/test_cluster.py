@@ -15,7 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainables.cluster import load_cluster_config, opened_ports, security_findings, validate_cluster_config
+from trainables.cluster import (
+    full_size_concurrency, full_size_nodes, load_cluster_config, main, opened_ports, security_findings,
+    validate_cluster_config,
+)
+from trainables.resources import ResourceError, TrialResources
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_FILES = ["cluster.yaml", "cluster-local.yaml"]
@@ -39,7 +43,7 @@ def test_aws_config_as_ray_up_sees_it():
     assert config["head_node_type"] == "head_cpu"
     workers = {name: spec for name, spec in types.items() if name != "head_cpu"}
     assert workers and all(0 <= spec["min_workers"] < spec["max_workers"] for spec in workers.values())
-    # The sweep counts the GPUs alive when it starts: a cluster of CPU head only could not start it.
+    # One GPU node from the start: the first trials need not wait for the autoscaler.
     assert any(spec["min_workers"] > 0 for spec in workers.values())
     assert sum(spec["max_workers"] for spec in workers.values()) <= config["max_workers"]
     # setup_commands are merged in front of both node kinds' own set-up: shared storage first.
@@ -152,6 +156,55 @@ def test_opened_ports(rules, ports):
 
 
 # ---- SLURM launcher -------------------------------------------------------------------------
+
+# ---- sizing the sweep --------------------------------------------------------------------------
+
+def test_full_size_counts_each_worker_type_up_to_the_cluster_maximum():
+    config = load_cluster_config(ROOT / "cluster.yaml")
+    nodes, description = full_size_nodes(config)
+    assert description == "head_cpu + 8 x gpu_1x + 2 x gpu_4x"
+    assert sum(node.get("GPU", 0) for node in nodes) == 8 * 1 + 2 * 4
+    capped = copy.deepcopy(config)
+    capped["max_workers"] = 5  # the cluster-wide cap stops the types listed last
+    assert full_size_nodes(capped)[1] == "head_cpu + 5 x gpu_1x"
+
+
+@pytest.mark.parametrize(
+    "workers, cpus, gpus, expected",
+    [
+        (1, 4, 1, 16),  # one per A10G: 8 on the 1-GPU nodes, 4 on each 4-GPU node
+        (1, 8, 1, 8 + 2 * 4),  # 8 CPUs still fit each 4-GPU node four times (48 CPUs)
+        (1, 4, 0.5, 32),  # half a GPU each
+        (4, 16, 4, 4),  # four 1-GPU workers: two trials over the eight 1-GPU nodes, one per 4-GPU node
+        (1, 1, 0, 8 + 8 * 8 + 2 * 48),  # CPU-only trials fit every node, the head included
+    ],
+)
+def test_full_size_concurrency(workers, cpus, gpus, expected):
+    config = load_cluster_config(ROOT / "cluster.yaml")
+    advice = full_size_concurrency(config, TrialResources.per_trial(workers, cpus, gpus))
+    assert advice.endswith(f"--max-concurrent {expected}")
+
+
+def test_sizing_a_trial_no_node_type_holds_fails():
+    config = load_cluster_config(ROOT / "cluster.yaml")
+    with pytest.raises(ResourceError, match="16 GPU"):
+        full_size_concurrency(config, TrialResources.per_trial(1, 4, 16))
+    assert main([str(ROOT / "cluster.yaml"), "--gpus-per-trial", "16"]) == 1
+
+
+def test_sizing_needs_declared_resources(capsys):
+    config = load_cluster_config(ROOT / "cluster-local.yaml")
+    with pytest.raises(ValueError, match="declare"):
+        full_size_nodes(config)
+    # Sizing is advice: the file itself is still valid and safe.
+    assert main([str(ROOT / "cluster-local.yaml"), "--gpus-per-trial", "1"]) == 0
+    assert "cannot size the sweep" in capsys.readouterr().out
+
+
+def test_nonsense_trial_is_refused_with_exit_2(capsys):
+    assert main([str(ROOT / "cluster.yaml"), "--workers-per-trial", "0"]) == 2
+    assert "workers must be" in capsys.readouterr().err
+
 
 def test_sbatch_script_parses():
     parsed = subprocess.run(["bash", "-n", str(SBATCH)], capture_output=True, text=True)

@@ -4,21 +4,27 @@
 machines are paid for. :func:`load_cluster_config` validates against Ray's own schema the way
 ``ray up`` does (provider defaults merged first); :func:`security_findings` lists what would
 leave the cluster open. Both use Ray's private ``prepare_config``/``validate_config``, which
-is why pyproject pins Ray.
+is why pyproject pins Ray. Given what one trial asks for, it also says how many trials the
+cluster holds at its largest: an autoscaling cluster starts small, so the sweep needs that
+figure as ``--max-concurrent`` (it would otherwise size itself from the nodes alive at start).
 
     python -m trainables.cluster cluster.yaml
+    python -m trainables.cluster cluster.yaml --gpus-per-trial 1 --cpus-per-trial 4
 """
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import click
 import jsonschema
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
+
+from .resources import ResourceError, TrialResources, max_concurrent_trials
 
 # Where file_mounts must put the token: the path the start commands give RAY_AUTH_TOKEN_PATH
 # and the one Ray falls back to.
@@ -98,21 +104,76 @@ def security_findings(config: dict[str, Any]) -> list[str]:
     return findings
 
 
-def main(paths: list[str]) -> int:
+def full_size_nodes(config: dict[str, Any]) -> tuple[list[dict[str, float]], str]:
+    """The resources of every node when the cluster is at its largest, and a one-line description.
+
+    The head plus each worker type at its ``max_workers``, in the order listed, until the
+    cluster-wide ``max_workers`` is reached. Raises ValueError for a node type that does not
+    declare its ``resources`` (Ray detects them only once the node runs).
+    """
+    types = config["available_node_types"]
+    undeclared = sorted(name for name, spec in types.items() if not spec.get("resources"))
+    if undeclared:
+        raise ValueError(f"node types {', '.join(undeclared)} do not declare their resources (CPU, GPU)")
+    head = config["head_node_type"]
+    nodes, parts, room = [dict(types[head]["resources"])], [head], config.get("max_workers", 0)
+    for name, spec in types.items():
+        count = min(spec.get("max_workers", 0), room) if name != head else 0
+        nodes += [dict(spec["resources"])] * count
+        parts += [f"{count} x {name}"] if count else []
+        room -= count
+    return nodes, " + ".join(parts)
+
+
+def full_size_concurrency(config: dict[str, Any], resources: TrialResources) -> str:
+    """How many trials of ``resources`` the cluster holds at its largest, as advice for the sweep."""
+    nodes, description = full_size_nodes(config)
+    trials = max_concurrent_trials(resources, nodes)  # ResourceError when no node type holds one trial
+    return f"at its largest ({description}) it holds {trials} such trials at once: run the sweep with --max-concurrent {trials}"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainables.cluster", description="Check Ray cluster-launcher files offline."
+    )
+    parser.add_argument("paths", nargs="+", metavar="CLUSTER_YAML")
+    trial = parser.add_argument_group("one trial (give any to learn how many trials the cluster holds)")
+    trial.add_argument("--workers-per-trial", type=int, help="DDP workers per trial (default 1)")
+    trial.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default 1)")
+    trial.add_argument("--gpus-per-trial", type=float, help="GPUs per trial (default 0)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     """Check each file; print what is wrong and return 1 if anything is."""
-    if not paths:
-        print("usage: python -m trainables.cluster CLUSTER_YAML [...]", file=sys.stderr)
-        return 2
-    failed = False
-    for path in paths:
+    args = parse_args(argv)
+    trial = {key: value for key in ("workers", "cpus", "gpus") if (value := getattr(args, f"{key}_per_trial")) is not None}
+    resources = None
+    if trial:
         try:
-            findings = security_findings(load_cluster_config(path))
+            resources = TrialResources.per_trial(**trial)
         except ValueError as err:
-            findings = [str(err)]
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    failed = False
+    for path in args.paths:
+        try:
+            config = load_cluster_config(path)
+            findings = security_findings(config)
+        except ValueError as err:
+            config, findings = None, [str(err)]
         failed |= bool(findings)
         print(f"{path}: " + ("ok" if not findings else "\n  ".join(["INSECURE OR INVALID"] + findings)))
+        if config is not None and resources is not None:
+            try:
+                print(f"  {full_size_concurrency(config, resources)}")
+            except ResourceError as err:
+                failed = True
+                print(f"  TRIAL DOES NOT FIT: {err}")
+            except ValueError as err:
+                print(f"  cannot size the sweep: {err}")
     return int(failed)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -48,6 +48,18 @@ class TrialResources:
         if self.max_failures < 0:
             raise ValueError(f"max_failures must be >= 0, got {self.max_failures!r}")
 
+    @classmethod
+    def per_trial(cls, workers: int = 1, cpus: float = 1.0, gpus: float = 0.0, max_failures: int = 0) -> TrialResources:
+        """A trial's ``cpus`` and ``gpus`` (0: CPU only) shared evenly by its ``workers``."""
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be a whole number >= 1, got {workers!r}")
+        if gpus < 0:
+            raise ValueError(f"gpus must be >= 0, got {gpus!r}")
+        return cls(
+            workers=workers, use_gpu=gpus > 0, cpus_per_worker=cpus / workers,
+            gpus_per_worker=(gpus or 1.0) / workers, max_failures=max_failures,
+        )
+
     @property
     def worker_bundle(self) -> dict[str, float]:
         """One worker's share, in Ray's resource names."""

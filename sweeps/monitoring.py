@@ -1,0 +1,100 @@
+"""Watching a sweep from outside its terminal: Ray custom metrics and optional experiment trackers.
+
+Every trial-epoch the sweep's driver sets Ray custom metrics (``ray.util.metrics`` gauges)
+to the trial's latest AU, KL_raw and recon(μ), tagged with the sweep (its study name) and
+the trial (``trial-NNNN``). Ray exports them, prefixed ``ray_``, on each node's metrics port
+(``ray start --metrics-export-port``), where the dashboard's Metrics view (with Prometheus
+and Grafana) and any Prometheus scraping the cluster chart them::
+
+    ray_collapse_sweep_au{sweep="dip_sbd-20261124-101500",trial="trial-0003",...} 7.0
+
+Tune's own TensorBoard event files stay on (``results/<sweep>/<run>/tune``); W&B (offline
+unless ``WANDB_MODE`` says otherwise) and MLflow are opt-in through Ray's logger callbacks.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from vae.config import ConfigError
+
+if TYPE_CHECKING:
+    from ray.tune import Callback
+
+METRIC_PREFIX = "collapse_sweep_"
+# Reported key -> what its gauge says; the dashboard shows the description.
+EXPORTED_METRICS = {
+    "au": "active units of the trial's latest epoch",
+    "kl_raw": "KL(q(z|x) || p(z)) of the latest epoch in nats, summed over latent dimensions",
+    "recon_mu": "reconstruction error of the latest epoch, decoding the posterior means",
+    "epoch": "epochs the trial has finished",
+}
+TAG_KEYS = ("sweep", "trial")
+TRACKERS = {"wandb": "wandb", "mlflow": "mlflow"}  # --log choice -> the package it needs
+MLFLOW_DB = "mlflow.db"
+
+
+def metrics_exporter(sweep: str) -> Callback:
+    """A Tune callback setting one gauge per :data:`EXPORTED_METRICS` key on every result.
+
+    ``sweep`` tags every value; a trial is tagged with the run name in its config (the
+    sweep's ``trial-NNNN``), else with its Tune trial id.
+    """
+    from ray.tune import Callback
+    from ray.util.metrics import Gauge
+
+    from .space import RUN_NAME
+
+    gauges = {
+        key: Gauge(METRIC_PREFIX + key, description=text, tag_keys=TAG_KEYS)
+        for key, text in EXPORTED_METRICS.items()
+    }
+
+    class MetricsExporter(Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            tags = {"sweep": sweep, "trial": str(trial.config.get(RUN_NAME) or trial.trial_id)}
+            for key, gauge in gauges.items():
+                value = result.get(key)
+                if isinstance(value, (int, float)):  # a diverged epoch reports a finite sentinel, never NaN
+                    gauge.set(float(value), tags=tags)
+
+    return MetricsExporter()
+
+
+def check_trackers(names: Sequence[str]) -> None:
+    """Raise :class:`ConfigError` when a requested tracker's package is not installed."""
+    for name in names:
+        if name not in TRACKERS:
+            raise ConfigError(f"--log {name}: unknown tracker; choose from {', '.join(TRACKERS)}")
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            raise ConfigError(
+                f"--log {name} needs the {TRACKERS[name]} package: pip install 'collapse-sweep[tracking]'"
+            )
+
+
+def tracker_callbacks(names: Sequence[str], out_dir: Path, study_name: str) -> list[Callback]:
+    """Ray's logger callbacks for the requested trackers, writing beside the sweep's outputs.
+
+    W&B runs offline into ``out_dir/wandb`` unless ``WANDB_MODE`` is set (upload later with
+    ``wandb sync``); MLflow logs to ``MLFLOW_TRACKING_URI`` or else a SQLite store,
+    ``out_dir/mlflow.db`` (``mlflow ui --backend-store-uri sqlite:///.../mlflow.db``). Either
+    groups the trials under the study name.
+    """
+    check_trackers(names)
+    callbacks = []
+    if "wandb" in names:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        # Ray reads the mode from the environment to decide whether an API key is needed.
+        mode = os.environ.setdefault("WANDB_MODE", "offline")
+        callbacks.append(WandbLoggerCallback(
+            project="collapse-sweep", group=study_name, mode=mode, dir=str(out_dir), upload_checkpoints=False,
+        ))
+    if "mlflow" in names:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(out_dir / MLFLOW_DB).resolve()}"
+        callbacks.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=study_name, save_artifact=False))
+    return callbacks
