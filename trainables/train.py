@@ -86,11 +86,13 @@ def run(args: argparse.Namespace) -> int:
 
     import ray
 
+    from vae.data.cache import check_writable
     from vae.data.sources import prepared_cache
 
     from .resources import max_concurrent_trials
     from .trial import trial_config
 
+    check_writable(run_root, "--results")  # now, rather than from inside Ray
     cache = prepared_cache(cfg.data, progress=True)  # once, before any worker starts
     config = trial_config(cfg, cache, run_root, resources, run_name=RUN_NAME)
     run_dir = run_root / RUN_NAME

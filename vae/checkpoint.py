@@ -6,6 +6,7 @@ states into types that ``torch.load(weights_only=True)`` accepts.
 """
 from __future__ import annotations
 
+import pickle
 import random
 import shutil
 import tempfile
@@ -79,4 +80,10 @@ def load_checkpoint(directory: Path) -> dict[str, Any]:
     path = Path(directory) / CHECKPOINT_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint file; pass a directory written by save_checkpoint")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's own message suggests weights_only=False: never for a checkpoint
+        raise ValueError(
+            f"{path}: refused by the weights-only loader: it holds objects other than tensors and plain data "
+            "(or is damaged), so it is not as this project wrote it; remove it or train in a new run directory"
+        ) from None

@@ -123,7 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return command(args)
     except (DataError, ValueError, OSError) as err:
-        print(f"error: {err}" if "\n" not in str(err) else str(err), file=sys.stderr)
+        # Problems naming their file read "FILE: problem", like the lines of the check report.
+        named = isinstance(err, DataError) and err.path is not None
+        print(str(err) if named or "\n" in str(err) else f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

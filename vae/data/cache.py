@@ -25,6 +25,8 @@ from typing import Any, BinaryIO, Callable
 
 import numpy as np
 
+from vae.config import ConfigError
+
 from .checks import check_subject, map_subjects
 from .discovery import DataError, Problem, Subject, scan
 from .preprocess import PreprocessParams, preprocess_subject
@@ -104,11 +106,7 @@ def prepare(
     records them under ``skipped``.
     """
     out = Path(out)
-    subjects, problems = scan(root, params.modalities)
-    incomplete = {p.subject for p in problems}
-    todo = [s for s in subjects if s.id in incomplete or not _entry_is_current(out, s, params.hash)]
-    for found in map_subjects(check_subject, todo, workers, "check", progress):
-        problems += found
+    subjects, todo, problems = _checked(root, out, params, workers, progress)
     _raise_unless_skippable(problems, skip_bad, "nothing was written")
     bad = {p.subject for p in problems}
     subjects, todo = ([s for s in group if s.id not in bad] for group in (subjects, todo))
@@ -143,6 +141,27 @@ def prepare(
     return manifest
 
 
+def check_pending(root: str | Path, out: str | Path, params: PreprocessParams) -> None:
+    """Raise the :class:`DataError` that :func:`prepare` would raise before writing, writing nothing.
+
+    Only the subjects whose cache entry in ``out`` is not current are read, as ``prepare``
+    would, so checking an up-to-date cache costs a scan of the source.
+    """
+    _raise_unless_skippable(_checked(root, Path(out), params, 1, False)[2], False, "nothing was written")
+
+
+def _checked(
+    root: str | Path, out: Path, params: PreprocessParams, workers: int, progress: bool
+) -> tuple[list[Subject], list[Subject], list[Problem]]:
+    """Every subject, those whose cache entry must be (re)built, and the problems of the latter."""
+    subjects, problems = scan(root, params.modalities)
+    incomplete = {p.subject for p in problems}
+    todo = [s for s in subjects if s.id in incomplete or not _entry_is_current(out, s, params.hash)]
+    for found in map_subjects(check_subject, todo, workers, "check", progress):
+        problems += found
+    return subjects, todo, problems
+
+
 def source_record(subject: Subject) -> dict[str, dict[str, Any]]:
     """``{modality: {"path", "size", "mtime_ns"}}``: what decides whether a cache entry is stale."""
     record = {}
@@ -168,6 +187,20 @@ def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], None]) -> None:
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """:class:`~vae.config.ConfigError` naming ``flag`` unless ``folder`` exists or can be created, and written.
+
+    For commands that check their output folder before they start anything.
+    """
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{flag}: cannot create {folder}: {existing} is a file, not a folder; choose another folder")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()  # the honest test: permissions, read-only mounts, quotas
+    except OSError as err:
+        raise ConfigError(f"{flag}: cannot write in {existing} ({err.strerror}); choose a writable folder") from None
 
 
 def _build_entry(subject: Subject, params: PreprocessParams, out: Path) -> dict | Problem:
@@ -212,6 +245,8 @@ def _raise_unless_skippable(problems: list[Problem], skip_bad: bool, consequence
     fatal = [p for p in problems if p.subject is None] if skip_bad else problems
     if fatal:
         hint = "" if skip_bad else " (or pass --skip-bad to leave the bad subjects out)"
+        if len(fatal) == 1:  # one line: the file, its problem, the consequence
+            raise DataError(f"{fatal[0].message}; {consequence}{hint}", fatal[0].path)
         raise DataError("\n".join([str(p) for p in fatal] + [f"{len(fatal)} problem(s); {consequence}{hint}"]))
 
 

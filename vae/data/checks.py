@@ -95,7 +95,8 @@ def reading(path: Path) -> Iterator[None]:
     except (ImageFileError, HeaderDataError) as err:
         raise DataError(f"not a valid NIfTI file ({err})", path) from None
     except OSError as err:  # permissions, or an uncompressed file shorter than its header says
-        raise DataError(f"cannot read the file ({' '.join(str(err.strerror or err).split())})", path) from None
+        reason = " ".join(str(err.strerror or err).split())
+        raise DataError(f"cannot read the file ({reason}); check its permissions or copy it again", path) from None
 
 
 def read_nifti(path: Path) -> nib.Nifti1Image:

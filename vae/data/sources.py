@@ -16,7 +16,7 @@ from typing import Iterator
 
 from vae.config import DataConfig
 
-from .cache import is_cache, prepare
+from .cache import check_pending, is_cache, prepare
 from .dataset import CachedVolumes, load_split, save_split, split_subjects
 from .preprocess import PreprocessParams
 
@@ -49,18 +49,35 @@ def phantom_source(data: DataConfig) -> Path:
     return out
 
 
+def _preparation(data: DataConfig, source: Path) -> tuple[Path, PreprocessParams]:
+    """Where the cache of ``source`` for ``data`` goes, and its preprocessing parameters."""
+    params = PreprocessParams(size=data.size, modalities=tuple(data.modalities))
+    # Named after the source and the parameters: two trees that share a folder name never collide.
+    source_key = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:8]
+    return cache_root(data) / "prepared" / f"{source.resolve().name}-{source_key}-{params.hash}", params
+
+
 def prepared_cache(data: DataConfig, workers: int = 1, progress: bool = False) -> Path:
     """The cache directory holding ``data`` preprocessed at ``data.size``, building it if needed."""
     if data.root is not None and is_cache(data.root):
         return Path(data.root)
     source = Path(data.root) if data.root is not None else phantom_source(data)
-    params = PreprocessParams(size=data.size, modalities=tuple(data.modalities))
-    # Named after the source and the parameters: two trees that share a folder name never collide.
-    source_key = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:8]
-    out = cache_root(data) / "prepared" / f"{source.resolve().name}-{source_key}-{params.hash}"
+    out, params = _preparation(data, source)
     with _locked(cache_root(data)):
         prepare(source, out, params, workers=workers, progress=progress)
     return out
+
+
+def check_data(data: DataConfig) -> None:
+    """Raise the :class:`~vae.data.DataError` :func:`prepared_cache` would raise, writing nothing.
+
+    For a caller that must reject bad data before it starts anything (a sweep checks before
+    Ray starts, then prepares). The phantom is generated, so only a NIfTI ``data.root`` is read.
+    """
+    if data.root is None or is_cache(data.root):
+        return
+    out, params = _preparation(data, Path(data.root))
+    check_pending(data.root, out, params)
 
 
 def training_datasets(data: DataConfig, cache: Path, split_file: Path | None = None) -> tuple[CachedVolumes, CachedVolumes]:

@@ -1,0 +1,277 @@
+"""Faults, with nothing lost: real processes SIGKILLed at the worst moment, then what is left checked.
+
+1. A trial's training process killed in the middle of an epoch, with one worker (Tune
+   retries the trial) and with two DDP workers (Ray Train restarts its worker group):
+   the trial continues from its last checkpoint, ends with all its epochs, each one
+   reported and written to ``epochs.csv`` exactly once, and the study holds one trial.
+2. The sweep's driver killed while two trials run side by side, then ``--resume``d: the
+   requested number of trials ran, none twice and none lost, and ``trials.csv`` says what
+   the study says, trial by trial.
+3. ``python -m vae.data prepare`` killed half-way: no manifest, no half-written array; a
+   re-run reuses what was finished, clears the leftovers and leaves a valid cache.
+
+The single-run CLI killed with its trial is covered by
+``test_trainables.py::test_cli_run_resumes_after_its_trial_and_then_itself_are_killed``,
+a killed driver with one trial at a time by ``test_sweep_run.py``. Every sweep runs on its
+own Ray instance (short folder under /tmp, own token) on the 16^3 phantom.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from sqlalchemy.exc import OperationalError
+
+from sweeps.outputs import TABLE_HEADER
+from test_data_pipeline import CHANNELS, brain, write_subject
+from test_sweep_run import SMALL, kill_session, load_study, ray_env, read_csv, sweep_command
+from test_trainables import session_members, wait_for
+from trainables.cli import read_epochs
+from vae.checkpoint import CHECKPOINT_DIR, CHECKPOINT_FILE
+from vae.data import CachedVolumes, PreprocessParams
+from vae.data.cache import MANIFEST
+from vae.report import EPOCHS_CSV
+
+REPO = Path(__file__).resolve().parents[1]
+SOUND = {**SMALL, "objective.likelihood": "gaussian", "objective.sigma2": 0.01}
+BETA = {"objective.kl.beta": {"low": 0.01, "high": 0.1, "log": True}}
+# Ray's process titles: a one-worker trial trains in its Tune actor ("ray::ImplicitFunc", with ".train"
+# appended while a call to it runs), a DDP trial in the Train workers.
+TRIAL_PROCESS, DDP_WORKER = r"ray::ImplicitFunc\b", r"ray::RayTrainWorker\b"
+PARAM_COLUMN = "param/"
+
+
+def write_sweep(folder: Path, name: str, overrides: dict, space: dict, resources: dict, budget: dict) -> Path:
+    raw = {
+        "experiment": "exp2_dipvae_sbd", "overrides": overrides, "space": space, "early_stop": {"mode": "none"},
+        "resources": resources, "budget": budget,
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def sweep_env(scratch):
+    """Makes the environment of a sweep driver: its own Ray folder (removed afterwards), the shared data cache."""
+    made = []
+
+    def make() -> dict[str, str]:
+        made.append(ray_env(scratch))
+        return made[-1]
+
+    yield make
+    for env in made:
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+
+
+def start_sweep(path: Path, results: Path, log: Path, env: dict[str, str], *args: str) -> subprocess.Popen:
+    """``python sweeps/run.py`` in a session of its own (so that it can be killed with its Ray instance)."""
+    with log.open("w") as out:
+        return subprocess.Popen(
+            sweep_command(path, results, *args), env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def live_epochs(log: str, trial_id: str) -> list[int]:
+    """The epochs of ``trial_id`` in the live table, in the order Tune received them (the table
+    printed at the end, after the second header, is left out)."""
+    live = (log.split(TABLE_HEADER) + ["", ""])[1]
+    return [int(line.split()[1].split("/")[0]) for line in live.splitlines() if line.startswith(f"{trial_id} ")]
+
+
+def kill_mid_epoch(driver: subprocess.Popen, run_dir: Path, log: Path, title: str) -> list[int]:
+    """SIGKILL the newest process titled ``title`` in the middle of an epoch, once Tune holds a checkpoint.
+
+    Waits until Tune has received an epoch (with its checkpoint) and the next epoch after it
+    has been written, then sleeps a third of an epoch; returns the epochs Tune had received.
+    """
+    rows = lambda: len(read_epochs(run_dir))  # noqa: E731
+    wait_for(lambda: live_epochs(log.read_text(), run_dir.name), driver, log, timeout=400)
+    written = rows()
+    wait_for(lambda: rows() > written, driver, log, timeout=120)
+    written = rows()
+    assert (run_dir / CHECKPOINT_DIR / CHECKPOINT_FILE).is_file()
+    time.sleep(0.3 * float(read_epochs(run_dir)[-1]["epoch_seconds"]))
+    received = live_epochs(log.read_text(), run_dir.name)
+    targets = [pid for pid, command in session_members(driver.pid) if re.match(title, command)]
+    assert targets, session_members(driver.pid)
+    os.kill(max(targets), signal.SIGKILL)
+    assert rows() == written, "the kill came after the epoch had ended, not in the middle of it"
+    return received
+
+
+def finish(process: subprocess.Popen, log: Path, timeout: float) -> str:
+    try:
+        process.wait(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            kill_session(process.pid)
+    text = log.read_text()
+    assert process.returncode == 0, text[-5000:]
+    return text
+
+
+# --------------------------------------------------------------------------- worker death
+
+
+@pytest.mark.parametrize("workers, title", [(1, TRIAL_PROCESS), (2, DDP_WORKER)], ids=["one-worker", "ddp-worker"])
+def test_a_trial_killed_mid_epoch_continues_from_its_checkpoint(scratch, sweep_env, workers, title):
+    epochs = 5  # Tune may receive an epoch while the next one is written: one more to kill in
+    name = f"worker_kill_{workers}"
+    resources = {"workers_per_trial": workers, "cpus_per_trial": 0.99 * workers, "max_failures": 1}
+    path = write_sweep(scratch, name, SOUND, BETA, resources, {"num_samples": 1, "max_epochs": epochs})
+    results, log = scratch / "results", scratch / f"{name}.log"
+    out_dir = results / name / "r1"
+    run_dir = out_dir / "trials" / "trial-0000"
+
+    driver = start_sweep(path, results, log, sweep_env(), "--run", "r1")
+    try:
+        received = kill_mid_epoch(driver, run_dir, log, title)
+    finally:
+        text = finish(driver, log, timeout=500)
+
+    assert received[0] == 1 and received[-1] < epochs
+    # Continued from the checkpoint Tune held, not started over: every epoch received once, in order.
+    assert live_epochs(text, "trial-0000") == list(range(1, epochs + 1)), text[-3000:]
+    assert [int(r["epoch"]) for r in read_epochs(run_dir)] == list(range(1, epochs + 1))
+    (trial,) = load_study(out_dir).get_trials()  # one Optuna trial: the retry is the same trial
+    assert trial.state.name == "COMPLETE" and trial.user_attrs["status"] == "completed"
+    assert all(math.isfinite(v) for v in trial.values)
+    (row,) = read_csv(out_dir / "trials.csv")
+    assert (row["status"], int(row["epochs"]), int(row["number"])) == ("completed", epochs, 0)
+
+
+# --------------------------------------------------------------------------- driver death
+
+
+def mid_sweep(out_dir: Path) -> bool:
+    """A trial has finished and two others run side by side, each with an epoch written."""
+    if not (out_dir / "study.db").exists():
+        return False
+    try:
+        trials = load_study(out_dir).get_trials()
+    except (FileNotFoundError, KeyError, OperationalError):  # the study is still being created
+        return False
+    running = [t for t in trials if t.state.name == "RUNNING" and "run_name" in t.user_attrs]
+    with_epochs = [t for t in running if read_epochs(out_dir / "trials" / t.user_attrs["run_name"])]
+    return any(t.state.name == "COMPLETE" for t in trials) and len(with_epochs) == 2
+
+
+def test_driver_killed_with_two_trials_in_flight_resumes_without_duplicate_or_loss(scratch, sweep_env):
+    samples, epochs = 4, 4  # epochs enough that two trials overlap with an epoch each for a while
+    space = {**BETA, "objective.sigma2": {"low": 0.001, "high": 0.01, "log": True}}
+    overrides = {key: value for key, value in SOUND.items() if key != "objective.sigma2"}
+    path = write_sweep(scratch, "driver_kill", overrides, space, {"cpus_per_trial": 1},
+                       {"num_samples": samples, "max_epochs": epochs})
+    results, log = scratch / "results", scratch / "driver_kill.log"
+    out_dir = results / "driver_kill" / "r1"
+
+    driver = start_sweep(path, results, log, sweep_env(), "--run", "r1")
+    try:
+        wait_for(lambda: mid_sweep(out_dir), driver, log, timeout=500)
+    finally:
+        kill_session(driver.pid)
+        driver.wait()
+    before = load_study(out_dir).get_trials()
+    orphans = [t for t in before if t.state.name == "RUNNING"]
+    assert len(orphans) == 2
+
+    done = subprocess.run(sweep_command(path, results, "--resume"), env=sweep_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
+
+    trials = load_study(out_dir).get_trials()
+    assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+    # Every trial finished before the kill is still there, unchanged.
+    for old in before:
+        if old.state.name != "RUNNING":
+            now = trials[old.number]
+            assert (now.state, now.params, now.values, now.user_attrs) == (old.state, old.params, old.values,
+                                                                          old.user_attrs)
+    # No loss: each interrupted trial is closed and continued by exactly one later trial, in its run directory.
+    for orphan in orphans:
+        closed = trials[orphan.number]
+        assert closed.state.name == "FAIL" and closed.user_attrs["status"] == "interrupted"
+        (successor,) = [t for t in trials if t.user_attrs.get("continues") == orphan.number]
+        assert successor.params == orphan.params and successor.user_attrs["run_name"] == orphan.user_attrs["run_name"]
+        assert successor.state.name == "COMPLETE" and successor.user_attrs["first_epoch"] > 1  # from its checkpoint
+    # No duplicate: the trials that count are the requested number, each its own run and configuration.
+    counted = [t for t in trials if t.user_attrs.get("status") != "interrupted"]
+    assert len(counted) == samples and all(t.state.name == "COMPLETE" for t in counted)
+    assert len({t.user_attrs["run_name"] for t in counted}) == samples
+    assert len({tuple(sorted(t.params.items())) for t in counted}) == samples
+    assert len(trials) == samples + len(orphans)
+
+    # trials.csv agrees with the study, trial by trial, and with each trial's own epochs.
+    rows = {row["trial_id"]: row for row in read_csv(out_dir / "trials.csv")}
+    assert set(rows) == {t.user_attrs["run_name"] for t in counted}
+    for trial in counted:
+        row = rows[trial.user_attrs["run_name"]]
+        assert (int(row["number"]), row["state"], row["status"]) == (trial.number, "COMPLETE", "completed")
+        params = {key[len(PARAM_COLUMN):]: float(value) for key, value in row.items() if key.startswith(PARAM_COLUMN)}
+        assert params == pytest.approx(trial.params, rel=1e-12)
+        assert trial.values == [pytest.approx(float(row["final/au"])), pytest.approx(float(row["final/recon_mu"]))]
+        history = read_epochs(out_dir / row["run_dir"])
+        assert [int(r["epoch"]) for r in history] == list(range(1, epochs + 1)) and int(row["epochs"]) == epochs
+    assert len(read_csv(out_dir / EPOCHS_CSV)) == samples * epochs
+
+
+# --------------------------------------------------------------------------- interrupted preparation
+
+
+def prepare_command(raw: Path, cache: Path) -> list[str]:
+    return [sys.executable, "-m", "vae.data", "prepare", str(raw), "--out", str(cache), "--size", "16",
+            "--workers", "2", "--quiet"]
+
+
+def test_prepare_killed_half_way_leaves_no_partial_cache_and_a_rerun_completes(tmp_path):
+    subjects = 40
+    raw, cache = tmp_path / "raw", tmp_path / "cache"
+    shape = (64, 72, 56)  # big enough that preparing 40 subjects takes seconds
+    volumes = {m: brain(shape=shape, channel=c) for c, m in enumerate(CHANNELS)}
+    for i in range(subjects):
+        write_subject(raw, f"s{i:02d}", volumes=volumes, seg=False)
+
+    first = subprocess.Popen(prepare_command(raw, cache), cwd=REPO, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    arrays = lambda: list(cache.glob("s*.npy"))  # noqa: E731
+    deadline = time.monotonic() + 120
+    while len(arrays()) < subjects // 4:
+        assert first.poll() is None and time.monotonic() < deadline, "prepare ended before it could be killed"
+        time.sleep(0.02)
+    os.killpg(first.pid, signal.SIGKILL)  # the command and its worker processes, as a cancelled job is killed
+    first.wait()
+
+    written = arrays()
+    assert subjects // 4 <= len(written) < subjects, "killed too late to be half-way"
+    assert not (cache / MANIFEST).exists()  # no manifest describes a cache that is not whole
+    for array in written:  # every array in place is whole: written aside and renamed
+        assert np.load(array).shape == (len(CHANNELS), 16, 16, 16)
+    assert all(p.name.startswith(".") and p.name.endswith(".tmp") for p in cache.iterdir()
+               if p.suffix not in (".npy", ".json"))
+    finished = [p.stem for p in cache.glob("s*.json")]  # an entry is written after its array
+
+    again = subprocess.run(prepare_command(raw, cache), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert f"{subjects} subjects in" in again.stdout and f"{len(finished)} reused" in again.stdout
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        [MANIFEST] + [f"s{i:02d}{ext}" for i in range(subjects) for ext in (".json", ".npy")]
+    )
+    manifest = json.loads((cache / MANIFEST).read_text())
+    assert len(manifest["subjects"]) == subjects
+    assert manifest["params_hash"] == PreprocessParams(size=16).hash
+    volumes_read = CachedVolumes(cache)
+    assert len(volumes_read) == subjects and volumes_read[subjects - 1].shape == (len(CHANNELS), 16, 16, 16)
