@@ -135,10 +135,24 @@ def _check_storage(url: str) -> None:
         ) from None
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
+def open_storage(url: str, attempts: int = 3) -> optuna.storages.RDBStorage:
+    """The Optuna storage at ``url``, its schema created when the database is new.
+
+    Optuna creates a schema table by table, each after checking that it is missing, so a
+    process opening the new database at the same moment (a report, a dashboard) can make a
+    table or the version row in between; the loser of that race tries again and finds them.
+    """
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
     # SQLite: wait for a lock rather than fail while a reader (the report, a test) holds it.
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    for attempt in range(1, attempts + 1):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        except (IntegrityError, OperationalError):
+            if attempt == attempts:
+                raise
+            time.sleep(0.2 * attempt)
 
 
 # --------------------------------------------------------------------------- running

@@ -7,7 +7,9 @@
 2. The sweep's driver killed while two trials run side by side, then ``--resume``d: the
    requested number of trials ran, none twice and none lost, and ``trials.csv`` says what
    the study says, trial by trial.
-3. ``python -m vae.data prepare`` killed half-way: no manifest, no half-written array; a
+3. A new study database opened by several processes at once (the driver creating it while
+   a report, a dashboard or the poll of test 2 opens it) opens for all of them.
+4. ``python -m vae.data prepare`` killed half-way: no manifest, no half-written array; a
    re-run reuses what was finished, clears the leftovers and leaves a valid cache.
 
 The single-run CLI killed with its trial is covered by
@@ -25,15 +27,18 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 import yaml
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import SQLAlchemyError
 
 from sweeps.outputs import TABLE_HEADER
+from sweeps.service import open_storage
 from test_data_pipeline import CHANNELS, brain, write_subject
 from test_sweep_run import SMALL, kill_session, load_study, ray_env, read_csv, sweep_command
 from test_trainables import session_members, wait_for
@@ -163,7 +168,7 @@ def mid_sweep(out_dir: Path) -> bool:
         return False
     try:
         trials = load_study(out_dir).get_trials()
-    except (FileNotFoundError, KeyError, OperationalError):  # the study is still being created
+    except (FileNotFoundError, KeyError, SQLAlchemyError):  # the study is still being created
         return False
     running = [t for t in trials if t.state.name == "RUNNING" and "run_name" in t.user_attrs]
     with_epochs = [t for t in running if read_epochs(out_dir / "trials" / t.user_attrs["run_name"])]
@@ -227,6 +232,30 @@ def test_driver_killed_with_two_trials_in_flight_resumes_without_duplicate_or_lo
         history = read_epochs(out_dir / row["run_dir"])
         assert [int(r["epoch"]) for r in history] == list(range(1, epochs + 1)) and int(row["epochs"]) == epochs
     assert len(read_csv(out_dir / EPOCHS_CSV)) == samples * epochs
+
+
+def test_a_new_study_database_opened_by_many_at_once_opens_for_all(tmp_path):
+    """The driver creating a sweep's database while others open it (a report, a dashboard, the poll
+    above): Optuna checks for each table, then creates it, so one opener's table or version row
+    makes another's creation fail; without a retry, 8 openers failed in 10 rounds out of 10."""
+    for round_ in range(5):
+        url = f"sqlite:///{tmp_path / f'study{round_}.db'}"
+        start, failures = threading.Barrier(8), []
+
+        def opener() -> None:
+            start.wait()
+            try:
+                open_storage(url)
+            except Exception as err:  # noqa: BLE001 - any failure counts
+                failures.append(repr(err))
+
+        threads = [threading.Thread(target=opener) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert failures == []
+        assert optuna.get_all_study_names(storage=url) == []  # a whole, empty schema
 
 
 # --------------------------------------------------------------------------- interrupted preparation
