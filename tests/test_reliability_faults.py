@@ -176,7 +176,7 @@ def mid_sweep(out_dir: Path) -> bool:
 
 
 def test_driver_killed_with_two_trials_in_flight_resumes_without_duplicate_or_loss(scratch, sweep_env):
-    samples, epochs = 4, 4  # epochs enough that two trials overlap with an epoch each for a while
+    samples, epochs = 4, 6  # epochs enough that two trials overlap with an epoch each for a while
     space = {**BETA, "objective.sigma2": {"low": 0.001, "high": 0.01, "log": True}}
     overrides = {key: value for key, value in SOUND.items() if key != "objective.sigma2"}
     path = write_sweep(scratch, "driver_kill", overrides, space, {"cpus_per_trial": 1},
