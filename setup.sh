@@ -12,7 +12,4 @@ python -m pip install --quiet --upgrade pip
 # torch first: a bare "torch" requirement with no torch installed would pull the CUDA wheels.
 python -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
 python -m pip install --quiet -e ".[dev]"
-# The phantom reads the MNI152 tissue maps shipped inside the nilearn wheel by path;
-# nilearn's own dependencies (pandas, sklearn pins, requests...) are not needed.
-python -m pip install --quiet --no-deps "nilearn>=0.10"
 python -c "import torch, ray, optuna, nibabel; print(f'ready: torch {torch.__version__}, ray {ray.__version__}, optuna {optuna.__version__}')"

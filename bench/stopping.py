@@ -18,9 +18,9 @@ included) no suggestion depends on an outcome. The comparison checks it rather t
 A trial *ends collapsed* when the sweep's own collapse rule, applied to its whole curve, calls it
 collapsed (:func:`sweeps.stopping.trial_outcome`: the status a sweep with that rule would give it
 had it run every epoch); it is *healthy* when it ends completed and not collapsed. A *false kill*
-stops a healthy trial. The *best* trial is the project's (``sweeps.outputs.best_trial``): among
-the healthy trials a policy lets finish, the Pareto-optimal one best on the first objective, ties
-broken by the next, on the final values Optuna is told.
+stops a healthy trial. The *best* trial is the project's (``sweeps.selection.best_index``): among
+the healthy trials a policy lets finish, the one best on the first objective, ties broken by the
+next, on the final values Optuna is told.
 """
 from __future__ import annotations
 
@@ -47,11 +47,11 @@ sys.path.insert(0, str(HERE))
 from results import RESULTS, machine, replace_section  # noqa: E402
 
 from sweeps.outputs import EPOCHS_CSV, RECORD_JSON, STUDY_DB, SUMMARY_JSON, latest_trials, trial_status  # noqa: E402
-from sweeps.report import pareto_front  # noqa: E402
+from sweeps.selection import best_index, pareto_front  # noqa: E402
 from sweeps.space import RUN_NAME, Scalar  # noqa: E402
 from sweeps.spec import Sweep  # noqa: E402
 from sweeps.stopping import (  # noqa: E402
-    HISTORY_KEYS, CollapseRule, ScheduleTargets, collapse_streak, numeric_rows, trial_outcome,
+    HISTORY_KEYS, CollapseRule, ScheduleTargets, collapse_history, collapse_streak, numeric_rows, trial_outcome,
 )
 from vae.config import ConfigError  # noqa: E402
 
@@ -159,8 +159,8 @@ def check_recording(run_dir: Path, sweep: Sweep, curves: Sequence[Curve]) -> Non
 
 def ending_status(curve: Curve, rule: CollapseRule) -> str:
     """The status a sweep with ``rule`` gives the trial had it run every epoch (completed, collapsed, diverged)."""
-    streak = collapse_streak(curve.rows, rule, curve.targets)
-    return trial_outcome(curve.last, error=False, streak=streak, rule=rule, stopped_by_asha=False).status
+    streak, ends_collapsed = collapse_history(curve.rows, rule, curve.targets)
+    return trial_outcome(curve.last, False, streak, rule, stopped_by_asha=False, ends_collapsed=ends_collapsed).status
 
 
 # --------------------------------------------------------------------------- policies
@@ -184,7 +184,7 @@ def collapse_stops(curves: Sequence[Curve], rule: CollapseRule) -> Stops:
 def collapse_floor(curve: Curve, rule: CollapseRule) -> int | None:
     """The earliest epoch ``rule`` could stop ``curve`` were it collapsed in every epoch: the
     schedules' first full-strength epoch, plus the grace, plus the patience."""
-    collapsed = tuple({**row, "au": rule.au_min, "kl_raw": rule.kl_min} for row in curve.rows)
+    collapsed = tuple({**row, "au": rule.au_min or 0.0, "kl_raw": rule.kl_min} for row in curve.rows)
     return collapse_stop(replace(curve, rows=collapsed), rule)
 
 
@@ -350,11 +350,10 @@ def front_of(curves: Sequence[Curve], objectives: Sequence[tuple[str, str]]) -> 
     return [curves[i] for i in pareto_front(points.reshape(len(curves), len(objectives)), [m for _, m in objectives])]
 
 
-def best_of(front: Sequence[Curve], objectives: Sequence[tuple[str, str]]) -> Curve | None:
-    """The front's trial best on the first objective, ties broken by the next (``sweeps.outputs.best_trial``)."""
-    if not front:
-        return None
-    return min(front, key=lambda c: [-c.final(m) if mode == "max" else c.final(m) for m, mode in objectives])
+def best_of(curves: Sequence[Curve], objectives: Sequence[tuple[str, str]]) -> Curve | None:
+    """The sweep's best trial among ``curves`` (:func:`sweeps.selection.best_index`, as ``best.yaml``)."""
+    best = best_index([[c.final(m) for m, _ in objectives] for c in curves], [mode for _, mode in objectives])
+    return None if best is None else curves[best]
 
 
 def account(
@@ -366,7 +365,7 @@ def account(
     healthy = [c.trial_id for c in curves if ends[c.trial_id] == "completed"]
     kept = [c for c in curves if c.trial_id in healthy and c.trial_id not in stops]
     front = front_of(kept, objectives)
-    best = best_of(front, objectives)
+    best = best_of(kept, objectives)
     return {
         "epochs": sum(ran.values()),
         "epochs_on_collapsed": sum(ran[t] for t in collapsed),
@@ -505,8 +504,8 @@ def markdown(result: Mapping[str, Any]) -> str:
         f"- Command: `{result['command']}`",
         f"- Recording: {_run(rec)}: sweep {result['sweep']}, {len(curves)} trials x {rec['epochs']} epochs, "
         f"{result['setting']}, no early termination.",
-        f"- A trial *ends collapsed* when the sweep's own rule (AU <= {rule['au_min']:g} and KL_raw <= "
-        f"{rule['kl_min']:g} nats for {rule['patience']} full-strength epochs after a grace of {rule['grace_epochs']}) "
+        f"- A trial *ends collapsed* when the sweep's own rule ({CollapseRule(**rule).criterion()} "
+        f"for {rule['patience']} full-strength epochs after a grace of {rule['grace_epochs']}, or in its last epoch) "
         f"calls its whole curve collapsed: {len(collapsed)} of {len(curves)} ({_ids(collapsed)}); a *false kill* "
         "stops a trial that ends healthy; *best*: among the healthy trials a policy lets finish, the Pareto-optimal "
         f"one best on {result['objectives'][0][0]} ({result['objectives'][0][1]}), ties broken by the next objective "

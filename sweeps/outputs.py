@@ -30,6 +30,7 @@ from vae.config import dump_experiment
 from vae.data.cache import atomic_write
 from vae.report import NONFINITE_SENTINEL
 
+from .selection import best_index
 from .space import RUN_NAME
 from .spec import Sweep
 
@@ -95,12 +96,10 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[s
 
 
 def best_trial(study: optuna.Study, objectives: Sequence[tuple[str, str]]) -> FrozenTrial | None:
-    """The best COMPLETE trial: the optimum of a single objective; with several, the Pareto-optimal
-    trial that is best on the first objective, ties broken by the next ones."""
-    front = study.best_trials
-    if not front:
-        return None
-    return min(front, key=lambda t: [-v if mode == "max" else v for v, (_, mode) in zip(t.values, objectives)])
+    """The sweep's best trial (:func:`sweeps.selection.best_index` over the COMPLETE trials' values)."""
+    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    best = best_index([t.values for t in completed], [mode for _, mode in objectives])
+    return None if best is None else completed[best]
 
 
 def best_yaml(sweep: Sweep, trial: FrozenTrial, out_dir: Path) -> str:

@@ -36,6 +36,7 @@ from vae.data.cache import atomic_write
 from vae.report import LATEST_PANEL, NONFINITE_SENTINEL
 
 from .outputs import EPOCHS_CSV, TRIALS_CSV
+from .selection import best_index, check_modes, pareto_front
 
 REPORT_DIR = "report"
 INDEX_HTML = "index.html"
@@ -44,10 +45,11 @@ PARETO_PNG = "pareto.png"
 IMPORTANCES_PNG = "importances.png"
 RECON_BEST_PNG = "recon_best.png"
 RECON_AUDITED_PNG = "recon_audited.png"
+# The sweep's best trial: best on the first objective, ties broken by the next (best.yaml's).
+BEST_HEADING = "Best trial (best.yaml)"
 PARAMS_PNG = "params.png"
 
 PARAM_PREFIX, FINAL_PREFIX, BEST_PREFIX = "param/", "final/", "best/"
-MODES = ("min", "max")
 # Final trial statuses in the order the page lists them, with one colour each in every picture.
 STATUS_COLOURS = {
     "completed": "#2ca02c",
@@ -186,45 +188,18 @@ def load_curves(path: Path, metrics: Sequence[str]) -> Curves:
 # --------------------------------------------------------------------------- selection
 
 
-def pareto_front(points: np.ndarray, modes: Sequence[str]) -> np.ndarray:
-    """Ascending indices of the non-dominated rows of ``points`` ``[N, K]``, column k to ``modes[k]`` ("min"/"max").
-
-    Row j dominates row i when it is no worse in every objective and better in at least one,
-    so equal rows never dominate each other and all of them stay on the front. A row with a
-    NaN is never on the front and dominates nothing.
-    """
-    points = np.asarray(points, dtype=float)
-    if points.ndim != 2 or points.shape[1] != len(modes):
-        raise ValueError(f"points must be [N, {len(modes)}] (one column per mode), got shape {points.shape}")
-    check_modes(modes)
-    costs = points * np.array([1.0 if mode == "min" else -1.0 for mode in modes])  # all minimised
-    valid = np.flatnonzero(np.isfinite(costs).all(axis=1))
-    costs = costs[valid]
-    no_worse = (costs[:, None, :] <= costs[None, :, :]).all(axis=-1)  # [j, i]: j no worse than i
-    better = (costs[:, None, :] < costs[None, :, :]).any(axis=-1)
-    dominated = (no_worse & better).any(axis=0)
-    return valid[~dominated]
-
-
-def check_modes(modes: Sequence[str]) -> None:
-    bad = [mode for mode in modes if mode not in MODES]
-    if bad:
-        raise ValueError(f"objective modes must be 'min' or 'max', got {bad}")
-
-
 def objective_values(trials: Sequence[Trial], metric: str) -> np.ndarray:
     """``[N]`` final values of ``metric``, NaN where a trial has none."""
     return np.array([trial.metric(metric) for trial in trials], dtype=float)
 
 
-def best_trial(trials: Sequence[Trial], objective: Objective) -> Trial | None:
-    """The completed trial with the best finite value of the objective (the first on ties), or None."""
-    metric, mode = objective
-    candidates = [t for t in trials if t.status == "completed" and math.isfinite(t.metric(metric))]
-    if not candidates:
-        return None
-    pick = min if mode == "min" else max
-    return pick(candidates, key=lambda t: t.metric(metric))
+def best_trial(trials: Sequence[Trial], objectives: Sequence[Objective]) -> Trial | None:
+    """The sweep's best trial, as ``best.yaml`` names it (:func:`sweeps.selection.best_index` over the
+    completed trials' final values)."""
+    completed = [t for t in trials if t.status == "completed"]
+    points = [[t.metric(metric) for metric, _ in objectives] for t in completed]
+    best = best_index(points, [mode for _, mode in objectives])
+    return None if best is None else completed[best]
 
 
 def front_trials(trials: Sequence[Trial], objectives: Sequence[Objective]) -> list[Trial]:
@@ -590,7 +565,7 @@ def write_report(out_dir: Path, study: optuna.Study | None, objectives: list[tup
     report = out_dir / REPORT_DIR
     report.mkdir(exist_ok=True)
     first = objectives[0][0]
-    best = best_trial(trials, objectives[0])
+    best = best_trial(trials, objectives)
     audited = next((t for t in trials if t.audited), None)
     au_or_first = "au" if any("au" in t.final for t in trials) else first
     pieces: list[tuple[str, str, Callable[[], bytes]]] = [
@@ -602,9 +577,9 @@ def write_report(out_dir: Path, study: optuna.Study | None, objectives: list[tup
          lambda: figure_png(objectives_figure(trials, objectives))),
         (IMPORTANCES_PNG, "Optuna fANOVA parameter importances per objective (completed trials).",
          lambda: figure_png(importances_figure(param_importances(study, objectives)))),
-        (RECON_BEST_PNG, f"Last reconstruction panel of the best completed trial by {first}"
+        (RECON_BEST_PNG, "Last reconstruction panel of the best trial"
                          + (f" ({best.label})" if best else "") + ": input, x_hat(mu), x_hat(z), x_hat(0).",
-         lambda: panel_png(best, f"best completed trial by {first}")),
+         lambda: panel_png(best, "best trial")),
         (RECON_AUDITED_PNG, "Last reconstruction panel of the audited configuration"
                             + (f" ({audited.label})" if audited else "") + "; x_hat(mu) = x_hat(0) is collapse.",
          lambda: panel_png(audited, "audited trial")),
@@ -624,8 +599,7 @@ def write_report(out_dir: Path, study: optuna.Study | None, objectives: list[tup
         f"<p>{cell(str(out_dir))}, generated {generated}; objectives: "
         + ", ".join(cell(axis_label(o)) for o in objectives) + "</p>",
         status_section(trials, study),
-        *(trial_section(f"Best completed trial by {metric}", best_trial(trials, (metric, mode)),
-                        f"no completed trial has a finite final {metric}") for metric, mode in objectives),
+        trial_section(BEST_HEADING, best, "no completed trial has finite objectives"),
         front_section(front_trials(trials, objectives), objectives) if len(objectives) == 2 else "",
         trial_section("Audited configuration", audited, "no trial is marked audited"),
         pictures_section(pictures),

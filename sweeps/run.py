@@ -10,7 +10,8 @@ the latest run of NAME (or --run RUN) after an interruption: finished trials cou
 the number of samples, and the trials that were running continue from their checkpoints.
 
 Exit status: 0 the sweep ran (whatever its trials' outcomes); 2 bad sweep, configuration,
-data or resources, reported in one line before any compute.
+data or resources, reported in one line before any compute; 130 interrupted by Ctrl-C, with
+the command that continues it.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from vae.config import ConfigError, parse_override  # noqa: E402
 from sweeps.monitoring import TRACKERS, check_trackers  # noqa: E402
 from sweeps.spec import EARLY_STOP_MODES, load_sweep  # noqa: E402
 
-EXIT_OK, EXIT_BAD_INPUT = 0, 2
+EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 2, 130  # 130: ended by Ctrl-C (128 + SIGINT)
 # Command-line flags that set keys of the sweep file (flag attribute -> dotted key).
 SPEC_FLAGS = {
     "num_samples": "budget.num_samples",
@@ -46,7 +47,9 @@ SPEC_FLAGS = {
     "gpus_per_trial": "resources.gpus_per_trial",
     "max_concurrent": "resources.max_concurrent",
 }
-# What a resumed sweep may change: how many trials in all, and where they run.
+# What a resumed sweep may change: how many trials in all, and where they run. The options that
+# define the sweep (--smoke, --data, --max-epochs, --early-stop, key=value) may be repeated with
+# their recorded values, nothing else.
 RESUMABLE_FLAGS = ("num_samples", "workers_per_trial", "cpus_per_trial", "gpus_per_trial", "max_concurrent")
 
 
@@ -72,7 +75,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--max-concurrent", type=int,
         help="trials at once (default: what the live nodes hold; on an autoscaling cluster, what it holds at full size)",
     )
-    parser.add_argument("--seed", type=int, help="seed of the TPE sampler (default: fresh entropy)")
+    parser.add_argument(
+        "--seed", type=int,
+        help="seed of the TPE sampler (default: fresh entropy; sweep.json records it, so --seed replays a run)",
+    )
     parser.add_argument(
         "--log", action="append", default=[], choices=sorted(TRACKERS), metavar="TRACKER",
         help="also log every trial to wandb (offline unless WANDB_MODE is set) or mlflow; repeatable",
@@ -90,9 +96,22 @@ def spec_changes(args: argparse.Namespace) -> dict[str, Any]:
     return {key: getattr(args, flag) for flag, key in SPEC_FLAGS.items() if getattr(args, flag) is not None}
 
 
+def data_root(args: argparse.Namespace) -> str | None:
+    """``--data`` as an absolute path: trials, the record and a resume from elsewhere all find it."""
+    return str(Path(args.data).expanduser().resolve()) if args.data else None
+
+
 def experiment_overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
     overrides = [parse_override(item) for item in args.overrides]
-    return overrides + ([("data.root", args.data)] if args.data else [])
+    return overrides + ([("data.root", data_root(args))] if args.data else [])
+
+
+def recorded_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of a resumed command line that a sweep records, and the values given for them."""
+    given = {"--smoke": args.smoke or None, "--data": data_root(args), "--max-epochs": args.max_epochs,
+             "--early-stop": args.early_stop}
+    overrides = dict(parse_override(item) for item in args.overrides)
+    return {flag: value for flag, value in given.items() if value is not None} | overrides
 
 
 def prepare(args: argparse.Namespace):
@@ -103,12 +122,8 @@ def prepare(args: argparse.Namespace):
     if not args.resume:
         sweep = load_sweep(args.name, args.smoke, spec_changes(args), experiment_overrides(args))
         return new_run(sweep, results, args.run, args.storage, args.seed)
-    fixed = [f"--{flag.replace('_', '-')}" for flag in ("smoke", "data", "max_epochs", "early_stop")
-             if getattr(args, flag)] + args.overrides
-    if fixed:
-        raise ConfigError(f"--resume continues the sweep as recorded; it cannot change {', '.join(fixed)}")
     changes = {SPEC_FLAGS[flag]: getattr(args, flag) for flag in RESUMABLE_FLAGS if getattr(args, flag) is not None}
-    return resume_run(results, args.name, args.run, args.storage, args.seed, changes)
+    return resume_run(results, args.name, args.run, args.storage, args.seed, changes, recorded_options(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -118,14 +133,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = prepare(args)
         from sweeps.service import execute
 
-        execute(
+        summary = execute(
             run, args.address, dashboard=not args.no_dashboard, worker_logs=args.worker_logs, trackers=args.log,
             started=STARTED,
         )
     except BAD_INPUT_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    return EXIT_OK
+    return EXIT_INTERRUPTED if summary["interrupted"] else EXIT_OK
 
 
 if __name__ == "__main__":

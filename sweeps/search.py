@@ -23,9 +23,10 @@ only then with PRUNED ones, so a PRUNED trial is never preferred to a COMPLETE o
 without intermediate values (every multi-objective study) PRUNED trials tie among
 themselves (``_get_pruned_trial_score``). FAIL trials are left out of the model.
 
-Each trial's run directory is ``<run_root>/trial-NNNN`` after the Optuna trial that first
-ran it, recorded in the user attribute ``run_name``: a trial enqueued again keeps it, so
-it resumes from the checkpoint there.
+Each trial's run directory is ``<run_root>/trial-NNNN``, numbered in the order trials first
+start (:func:`next_run_name`), recorded in the user attribute ``run_name``: a trial enqueued
+again keeps it, so it resumes from the checkpoint there, and the names stay a sequence
+without gaps while Optuna's trial numbers count each continuation as a new trial.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ from vae.config import ConfigError
 
 from .space import RUN_NAME
 from .spec import Sweep
-from .stopping import HISTORY_KEYS, Outcome, ScheduleTargets, collapse_streak, numeric_rows, trial_outcome
+from .stopping import HISTORY_KEYS, Outcome, ScheduleTargets, collapse_history, numeric_rows, trial_outcome
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +87,21 @@ def requeue(study: optuna.Study, trial: FrozenTrial | optuna.Trial, reason: str)
     study.enqueue_trial(trial.params, user_attrs={**carried, "continues": trial.number})
 
 
-def requeue_orphans(study: optuna.Study) -> list[int]:
-    """Numbers of the trials a killed driver left RUNNING, now closed and enqueued again."""
+ORPHANED = "interrupted: the sweep's driver ended while it ran; continued by a later trial"
+
+
+def requeue_orphans(study: optuna.Study, reason: str = ORPHANED) -> list[str]:
+    """Run names of the trials a stopped driver left RUNNING, now closed and enqueued again."""
     orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in orphans:
-        requeue(study, trial, "interrupted: the sweep's driver ended while it ran; continued by a later trial")
-    return [trial.number for trial in orphans]
+        requeue(study, trial, reason)
+    return [trial.user_attrs.get(RUN_NAME, f"Optuna trial {trial.number}") for trial in orphans]
+
+
+def continuations(study: optuna.Study) -> list[str]:
+    """Run names of the interrupted trials enqueued again and waiting to continue."""
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    return [t.user_attrs[RUN_NAME] for t in waiting if "continues" in t.user_attrs and RUN_NAME in t.user_attrs]
 
 
 def finished_count(study: optuna.Study) -> int:
@@ -102,10 +112,20 @@ def finished_count(study: optuna.Study) -> int:
     )
 
 
+def next_run_name(study: optuna.Study) -> str:
+    """``trial-NNNN`` with the first number no trial's run directory has: trials are numbered in the
+    order they first start, without gaps, whatever Optuna numbers the trials that continue them."""
+    taken = {t.user_attrs.get(RUN_NAME) for t in study.get_trials(deepcopy=False)}
+    number = len(taken - {None})
+    while f"trial-{number:04d}" in taken:
+        number += 1
+    return f"trial-{number:04d}"
+
+
 def suggest(sweep: Sweep, trial: optuna.Trial) -> dict[str, Any]:
     """Define-by-run space of :class:`SweepSearch`: samples the parameters, names the run directory."""
     sweep.space.suggest(trial)
-    run_name = trial.user_attrs.get(RUN_NAME) or f"trial-{trial.number:04d}"
+    run_name = trial.user_attrs.get(RUN_NAME) or next_run_name(trial.study)
     trial.set_user_attr(RUN_NAME, run_name)
     return {RUN_NAME: run_name}
 
@@ -118,14 +138,15 @@ def params_of(config: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in config.items() if key != RUN_NAME}
 
 
-def trial_streak(sweep: Sweep, run_root: Path, config: Mapping[str, Any]) -> int:
-    """The collapse streak of the trial of ``config``, from its ``epochs.csv`` (0 without a collapse rule)."""
+def trial_collapse(sweep: Sweep, run_root: Path, config: Mapping[str, Any]) -> tuple[int, bool]:
+    """``(streak, ends_collapsed)`` of the trial of ``config``, from its ``epochs.csv`` (see
+    :func:`sweeps.stopping.collapse_history`)."""
     rule = sweep.spec.early_stop.collapse_rule
     if rule is None:
-        return 0
+        return 0, False
     targets = ScheduleTargets.of(sweep.experiment_for(params_of(config)))
     rows = numeric_rows(read_epochs(run_root / config[RUN_NAME]), HISTORY_KEYS)
-    return collapse_streak(rows, rule, targets)
+    return collapse_history(rows, rule, targets)
 
 
 class CollapseStopper(Stopper):
@@ -139,7 +160,8 @@ class CollapseStopper(Stopper):
         self.patience = sweep.spec.early_stop.collapse.patience
 
     def __call__(self, trial_id: str, result: dict) -> bool:
-        return trial_streak(self.sweep, self.run_root, result["config"]) >= self.patience
+        streak, _ = trial_collapse(self.sweep, self.run_root, result["config"])
+        return streak >= self.patience
 
     def stop_all(self) -> bool:
         return False
@@ -225,11 +247,12 @@ class SweepSearch(OptunaSearch):
     def _judge(self, trial_id: str, result: dict | None, error: bool) -> tuple[Outcome, list]:
         """How the trial ended, and its objectives' last values."""
         ot_trial, rule = self._ot_trials[trial_id], self.sweep.spec.early_stop.collapse_rule
-        streak = 0
+        streak, ends_collapsed = 0, False
         if result and not error:
-            streak = trial_streak(self.sweep, self.run_root, {**ot_trial.params, RUN_NAME: ot_trial.user_attrs[RUN_NAME]})
+            config = {**ot_trial.params, RUN_NAME: ot_trial.user_attrs[RUN_NAME]}
+            streak, ends_collapsed = trial_collapse(self.sweep, self.run_root, config)
         asha_stopped = self.asha is not None and trial_id in self.asha.stopped
-        outcome = trial_outcome(result, error, streak, rule, asha_stopped)
+        outcome = trial_outcome(result, error, streak, rule, asha_stopped, ends_collapsed)
         metrics = [metric for metric, _ in self.sweep.objectives]
         values = [result.get(metric) for metric in metrics] if result else []
         finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)

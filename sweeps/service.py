@@ -8,12 +8,15 @@ on trials the snapshot thought unfinished, lost trials asked after it, and a res
 seeded sampler suggested finished configurations again. Instead, trials the killed
 driver left RUNNING are closed as interrupted and enqueued again with their parameters
 and run directory, so they continue from their checkpoints, the finished trials count
-towards ``num_samples``, and the sampler starts from fresh entropy unless ``--seed`` says.
+towards ``num_samples``, and the sampler's seed derives from the recorded one (a seeded
+sampler restarted with the same seed would suggest the same points again).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import secrets
 import sys
 import time
 from contextlib import contextmanager
@@ -27,12 +30,13 @@ import optuna
 from vae.config import ConfigError
 from vae.data.cache import atomic_write, check_writable
 from vae.data.sources import check_data
+from vae.train import derive_seed
 
 from .outputs import (
     RECORD_JSON, STUDY_DB, TABLE_HEADER, TRIALS_DIR, format_params, param_labels, table_line, trial_table,
     write_outputs,
 )
-from .spec import ResourcesSpec, Sweep, collapse_warnings
+from .spec import ResourcesSpec, Sweep, collapse_warnings, stopping_notes
 
 TUNE_DIR = "tune"
 
@@ -45,12 +49,22 @@ class SweepRun:
     out_dir: Path
     study_name: str
     storage_url: str
-    seed: int | None = None
+    seed: int
     resume: bool = False
+
+    @property
+    def default_storage(self) -> bool:
+        return self.storage_url == f"sqlite:///{self.out_dir / STUDY_DB}"
+
+
+def fresh_seed() -> int:
+    """A sampler seed from the system's entropy; it is recorded, so ``--seed`` replays the run."""
+    return secrets.randbits(32)
 
 
 def new_run(sweep: Sweep, results: Path, run: str | None, storage_url: str | None, seed: int | None) -> SweepRun:
-    """A fresh run of ``sweep`` in ``results/<sweep>/<run>`` (``run``: a time stamp by default)."""
+    """A fresh run of ``sweep`` in ``results/<sweep>/<run>`` (``run``: a time stamp by default) whose
+    sampler starts from ``seed`` (default: fresh entropy, recorded in ``sweep.json``)."""
     run = run or datetime.now().strftime("%Y%m%d-%H%M%S") + ("-smoke" if sweep.smoke else "")
     out_dir = (results / sweep.name / run).resolve()
     if (out_dir / RECORD_JSON).exists():
@@ -60,15 +74,33 @@ def new_run(sweep: Sweep, results: Path, run: str | None, storage_url: str | Non
     if storage_url is not None:  # the default is created in out_dir, which is writable
         _check_storage(storage_url)
     check_data(sweep.experiment.data)
-    return SweepRun(sweep, out_dir, f"{sweep.name}-{run}", storage_url or f"sqlite:///{out_dir / STUDY_DB}", seed)
+    storage_url = storage_url or f"sqlite:///{out_dir / STUDY_DB}"
+    return SweepRun(sweep, out_dir, f"{sweep.name}-{run}", storage_url, fresh_seed() if seed is None else seed)
 
 
 def resume_run(
-    results: Path, name: str, run: str | None, storage_url: str | None, seed: int | None, changes: Mapping[str, Any]
+    results: Path,
+    name: str,
+    run: str | None,
+    storage_url: str | None,
+    seed: int | None,
+    changes: Mapping[str, Any],
+    given: Mapping[str, Any] | None = None,
 ) -> SweepRun:
-    """The recorded run ``run`` (default: the latest) of sweep ``name``, with ``changes`` to its spec."""
+    """The recorded run ``run`` (default: the latest) of sweep ``name``, with ``changes`` to its spec.
+
+    ``given`` holds what the command line repeats of the recorded sweep (``--data``,
+    ``--max-epochs``, ``--early-stop``, ``--smoke`` and experiment keys): the recorded value
+    again is fine, another one is refused. The sampler's seed derives from the recorded seed
+    and the number of earlier starts, unless ``seed`` is given: a resumed run is replayable,
+    and never draws its first suggestions again (a re-seeded sampler repeats them).
+    """
     out_dir = find_run(results / Path(name).stem, run)
     record = json.loads((out_dir / RECORD_JSON).read_text())
+    changed = _changed(record, given or {})
+    if changed:
+        raise ConfigError(f"--resume continues the sweep as recorded in {out_dir / RECORD_JSON}; it cannot change "
+                          f"{'; '.join(changed)}")
     stored = record["storage"]
     if storage_url is None and "***" in stored:
         raise ConfigError(f"{out_dir}: its study is in {stored}; give the full URL again with --storage")
@@ -76,7 +108,48 @@ def resume_run(
     check_writable(out_dir, "--resume")
     _check_storage(storage_url or stored)
     check_data(sweep.experiment.data)
+    if seed is None:
+        recorded, starts = record.get("seed"), 1 + len(record.get("resumes", []))
+        seed = fresh_seed() if recorded is None else derive_seed(recorded, _RESUME_STREAM, starts)
     return SweepRun(sweep, out_dir, record["study"], storage_url or stored, seed, resume=True)
+
+
+_RESUME_STREAM = 1  # derive_seed's stream of the seeds of resumed starts
+_MISSING = object()
+
+
+def _recorded(record: Mapping[str, Any], key: str) -> Any:
+    """The recorded value of a command-line flag or a dotted experiment key."""
+    flags = {
+        "--smoke": record.get("smoke", False), "--data": record["experiment"]["data"]["root"],
+        "--max-epochs": record["experiment"]["train"]["epochs"], "--early-stop": record["spec"]["early_stop"]["mode"],
+    }
+    if key in flags:
+        return flags[key]
+    node: Any = record["experiment"]
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _same(recorded: Any, given: Any, key: str) -> bool:
+    if key in ("--data", "data.root") and recorded is not None and given is not None:
+        return Path(recorded).expanduser().resolve() == Path(given).expanduser().resolve()
+    return recorded == given and isinstance(recorded, bool) == isinstance(given, bool)
+
+
+def _changed(record: Mapping[str, Any], given: Mapping[str, Any]) -> list[str]:
+    """What ``given`` sets to another value than the record holds, one phrase each."""
+    out = []
+    for key, value in given.items():
+        recorded = _recorded(record, key)
+        if recorded is _MISSING:
+            out.append(f"{key} (not a key of the recorded experiment)")
+        elif not _same(recorded, value, key):
+            out.append(f"{key} (recorded {recorded!r}, given {value!r})")
+    return out
 
 
 def find_run(sweep_dir: Path, run: str | None) -> Path:
@@ -175,52 +248,115 @@ def execute(
     """
     from vae.data.sources import prepared_cache
 
-    from .search import finished_count, open_study, requeue_orphans
+    from .search import continuations, finished_count, open_study, requeue_orphans
 
     started = time.perf_counter() if started is None else started
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sweep = run.sweep
-    warnings = collapse_warnings(sweep)
+    warnings = collapse_warnings(sweep) + stopping_notes(sweep)
     for line in warnings:
         print(line, file=sys.stderr, flush=True)
     with ray_session(sweep, address, dashboard, worker_logs) as concurrent:
         cache = prepared_cache(sweep.experiment.data, progress=True)  # once, before any trial starts
         run.out_dir.mkdir(parents=True, exist_ok=True)
-        if not run.resume:
-            record = {
-                **sweep.record(), "run": run.out_dir.name, "study": run.study_name,
-                "storage": _masked(run.storage_url), "seed": run.seed,
-                "created": datetime.now(timezone.utc).isoformat(), "command": sys.argv,
-            }
-            atomic_write(run.out_dir / RECORD_JSON, (json.dumps(record, indent=2) + "\n").encode())
+        _record_start(run)
         storage = open_storage(run.storage_url)
         study = open_study(storage, run.study_name, sweep)
-        continued = requeue_orphans(study) if run.resume else []
+        if run.resume:
+            requeue_orphans(study)  # a killed driver's; Ctrl-C requeues its own before it ends
+        continued = continuations(study)
         remaining = sweep.spec.budget.num_samples - finished_count(study)
         print(
             f"{sweep.name}{' (smoke)' if sweep.smoke else ''}: study {run.study_name} in {_masked(run.storage_url)}; "
             f"{remaining} of {sweep.spec.budget.num_samples} trials to run, {concurrent} at a time, {sweep.epochs} "
             f"epochs each at {sweep.experiment.data.size}^3; early stop: {sweep.spec.early_stop.mode}; "
-            f"results in {run.out_dir}",
+            f"sampler seed {run.seed}; results in {run.out_dir}",
             flush=True,
         )
         if continued:
-            print(f"continuing interrupted trials {continued} from their checkpoints", flush=True)
+            print(f"continuing interrupted trials {', '.join(continued)} from their checkpoints", flush=True)
+        interruption = TuneInterruption()
         try:
             if remaining > 0:
-                _tune(run, storage, cache, remaining, concurrent, trackers)
+                with interruption.watched():
+                    _tune(run, storage, cache, remaining, concurrent, trackers)
         finally:
+            if interruption.seen:  # Tune lets go of its running trials without a word to the searcher
+                requeue_orphans(study, "interrupted: the sweep was stopped (Ctrl-C) while it ran; continued by a "
+                                       "later trial when the sweep is resumed")
             info = {
                 "sweep": sweep.name, "run": run.out_dir.name, "study": run.study_name,
-                "storage": _masked(run.storage_url), "smoke": sweep.smoke, "warnings": warnings,
-                "continued_trials": continued, "wall_seconds": round(time.perf_counter() - started, 1),
+                "storage": _masked(run.storage_url), "smoke": sweep.smoke, "seed": run.seed, "warnings": warnings,
+                "continued_trials": continued, "interrupted": interruption.seen,
+                "wall_seconds": round(time.perf_counter() - started, 1),
             }
             summary, rows = write_outputs(run.out_dir, sweep, study, info)
             _write_report(run.out_dir, study, sweep)
     print(trial_table(rows, sweep))
     wall = time.perf_counter() - started
     print(f"{summary['status_counts']}; wall time {wall:.0f} s; outputs in {run.out_dir}", flush=True)
+    if interruption.seen:
+        print(resume_advice(run, finished_count(study)), flush=True)
     return summary
+
+
+def _record_start(run: SweepRun) -> None:
+    """``sweep.json``: the sweep as run, its study and seed; a resumed start adds its own seed and command."""
+    path = run.out_dir / RECORD_JSON
+    now = datetime.now(timezone.utc).isoformat()
+    if run.resume:
+        record = json.loads(path.read_text())
+        record.setdefault("resumes", []).append({"started": now, "seed": run.seed, "command": sys.argv})
+    else:
+        record = {
+            **run.sweep.record(), "run": run.out_dir.name, "study": run.study_name,
+            "storage": _masked(run.storage_url), "seed": run.seed, "created": now, "command": sys.argv,
+        }
+    atomic_write(path, (json.dumps(record, indent=2) + "\n").encode())
+
+
+def resume_advice(run: SweepRun, finished: int) -> str:
+    """What to type to continue an interrupted run (the sweep's own command, not Tune's)."""
+    storage = "" if run.default_storage else " --storage URL"
+    return (
+        f"interrupted with {finished} of {run.sweep.spec.budget.num_samples} trials finished; nothing is lost "
+        f"(unfinished trials continue from their checkpoints). Continue with:\n"
+        f"  python sweeps/run.py {run.sweep.name} --resume --run {run.out_dir.name} "
+        f"--results {run.out_dir.parent.parent}{storage}"
+    )
+
+
+class TuneInterruption(logging.Filter):
+    """Notices that Tune caught Ctrl-C (SIGINT), and keeps Tune's advice to resume with
+    ``Tuner.restore`` (which a sweep never uses: see the module docstring) and its complaints
+    about the trials it let go from the user: the sweep says what happened and what to type."""
+
+    _TUNE_LOGGERS = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")
+    _AFTERWARDS = ("Tuner.restore", "Trials did not complete", "Failed to fetch metrics")
+
+    def __init__(self):
+        super().__init__()
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "Stop signal received" in message:
+            self.seen = True
+            print("interrupted: ending the running trials and writing the results (Ctrl-C again to skip that)",
+                  file=sys.stderr, flush=True)
+            return False
+        return not (self.seen and any(words in message for words in self._AFTERWARDS))
+
+    @contextmanager
+    def watched(self) -> Iterator[None]:
+        loggers = [logging.getLogger(name) for name in self._TUNE_LOGGERS]
+        for logger in loggers:
+            logger.addFilter(self)
+        try:
+            yield
+        finally:
+            for logger in loggers:
+                logger.removeFilter(self)
 
 
 @contextmanager

@@ -11,7 +11,7 @@ A sweep file::
       - {metric: recon_mu, mode: min}
     early_stop:
       mode: collapse                   # collapse | asha | collapse+asha | none
-      collapse: {au_min: 0, kl_min: 2.0, patience: 5, grace_epochs: 5}
+      collapse: {kl_min: 2.0, patience: 5, grace_epochs: 5}   # au_min: also require AU <= au_min
       asha: {metric: recon_mu, mode: min, grace_period: 10, reduction_factor: 3}
     resources: {workers_per_trial: 1, cpus_per_trial: 4, gpus_per_trial: 1, max_failures: 1}
     budget: {num_samples: 64, max_epochs: 100}
@@ -358,6 +358,19 @@ def collapse_warnings(sweep: Sweep) -> list[str]:
         what = f"enqueued point '{point.name}' ({objective.likelihood}, beta {objective.kl.beta:g})"
         lines.append(_collapse_line(objective.likelihood, objective.kl.beta, objective.sigma2, voxels, cfg, what))
     return [line for line in lines if line]
+
+
+def stopping_notes(sweep: Sweep) -> list[str]:
+    """A line when the collapse rule's grace and patience do not fit in a trial's budget."""
+    rule = sweep.spec.early_stop.collapse_rule
+    if rule is None or rule.grace_epochs + rule.patience < sweep.epochs:
+        return []
+    return [
+        f"note: the collapse rule waits grace {rule.grace_epochs} + patience {rule.patience} full-strength epochs, "
+        f"no fewer than the {sweep.epochs} epochs of a trial: it stops no trial early, and a trial still collapsed "
+        "in its last epoch is reported as collapsed (at the end); lower early_stop.collapse.patience and "
+        "grace_epochs for short runs"
+    ]
 
 
 def _collapse_line(

@@ -1,6 +1,9 @@
 """When a trial counts as collapsed, and how each trial ended: pure functions over its epoch history.
 
-A trial is *collapsed* in an epoch when ``AU <= au_min`` and ``KL_raw <= kl_min``. The
+A trial is *collapsed* in an epoch when ``KL_raw <= kl_min``: the KL bounds the information
+the code carries (I(x; z) <= E KL), so a small one means a closed channel whatever the
+active-unit count says (AU has a fixed scale that free bits inflate for nothing, and over a
+few validation volumes it is noise); ``au_min`` adds ``AU <= au_min`` when given. The
 rule may stop it only once its KL and DIP schedules are at full strength: an epoch is at
 full strength when the reported KL weight has reached beta, the capacity (if annealed)
 C_max and the DIP weight (if any) 1. The first such epoch opens a grace period of
@@ -9,7 +12,8 @@ a healthy epoch resets it, and a collapsed epoch on a ramp of cyclical annealing
 below beta) neither counts nor resets. The trial stops when the streak reaches
 ``patience``, so with cyclical annealing only the plateaus count, and a trial that revives
 on the next ramp starts again from zero. (Give a patience longer than one plateau to
-demand that the collapse survive a ramp.)
+demand that the collapse survive a ramp.) A trial whose budget ends before the streak
+reaches ``patience`` but whose last epoch is collapsed is collapsed too ("at the end").
 
 Everything is computed from the history the trial writes to its ``epochs.csv`` (the chief
 writes each row before it reports the epoch), never from state kept by the sweep's
@@ -32,10 +36,15 @@ _FULL_TOLERANCE = 1e-9
 
 
 class CollapseRule(Section):
-    au_min: float = Field(0.0, ge=0)  # active units at or below this count as collapsed ...
-    kl_min: float = Field(0.5, ge=0)  # ... together with KL_raw (nats, summed over dims) at or below this
+    kl_min: float = Field(0.5, ge=0)  # KL_raw (nats, summed over dims) at or below this is collapsed ...
+    au_min: float | None = Field(None, ge=0)  # ... with active units at or below this, when given
     patience: int = Field(3, ge=1)  # collapsed full-strength epochs in a row that stop the trial
     grace_epochs: int = Field(0, ge=0)  # epochs ignored after the schedules first reach full strength
+
+    def criterion(self) -> str:
+        """The per-epoch condition, for people."""
+        au = "" if self.au_min is None else f"AU <= {self.au_min:g} and "
+        return f"{au}KL_raw <= {self.kl_min:g} nats"
 
 
 @dataclass(frozen=True)
@@ -66,7 +75,7 @@ def at_full_strength(row: Mapping[str, float], targets: ScheduleTargets) -> bool
 
 
 def is_collapsed(row: Mapping[str, float], rule: CollapseRule) -> bool:
-    return row["au"] <= rule.au_min and row["kl_raw"] <= rule.kl_min
+    return row["kl_raw"] <= rule.kl_min and (rule.au_min is None or row["au"] <= rule.au_min)
 
 
 def collapse_streak(rows: Sequence[Mapping[str, float]], rule: CollapseRule, targets: ScheduleTargets) -> int:
@@ -85,6 +94,15 @@ def collapse_streak(rows: Sequence[Mapping[str, float]], rule: CollapseRule, tar
         elif full:
             streak += 1
     return streak
+
+
+def collapse_history(
+    rows: Sequence[Mapping[str, float]], rule: CollapseRule | None, targets: ScheduleTargets
+) -> tuple[int, bool]:
+    """``(streak, ends_collapsed)`` of a trial's epochs for :func:`trial_outcome` (``(0, False)`` without a rule)."""
+    if rule is None or not rows:
+        return 0, False
+    return collapse_streak(rows, rule, targets), is_collapsed(rows[-1], rule)
 
 
 def numeric_rows(rows: Sequence[Mapping[str, str]], keys: Sequence[str]) -> list[dict[str, float]]:
@@ -107,12 +125,16 @@ def trial_outcome(
     streak: int,
     rule: CollapseRule | None,
     stopped_by_asha: bool,
+    ends_collapsed: bool = False,
 ) -> Outcome:
     """How a trial ended, from its last reported metrics and the sweep's rules (``rule`` None: no collapse rule).
 
-    The collapse verdict comes before "completed": a trial collapsed in its last epochs is
-    collapsed even when the budget ran out at the same moment. A trial that ended while
-    still running, stopped by neither rule, was interrupted (the sweep was stopped).
+    ``streak`` is the trial's collapse streak and ``ends_collapsed`` whether its last epoch
+    met the collapse criterion (see :func:`collapse_history`). The collapse verdict comes
+    before "completed": a trial collapsed in its last epochs is collapsed even when the
+    budget ran out at the same moment, or before the rule's grace and patience were over. A
+    trial that ended while still running, stopped by neither rule, was interrupted (the
+    sweep was stopped).
     """
     if error:
         return Outcome("failed", "error: the trial raised (its Tune folder holds error.txt)")
@@ -122,9 +144,11 @@ def trial_outcome(
         return Outcome("diverged", f"the {last.get('diverged_term') or 'loss'} term became NaN or infinite "
                                    f"in epoch {last.get('epoch')}")
     if rule is not None and streak >= rule.patience:
-        return Outcome("collapsed", f"AU <= {rule.au_min:g} and KL_raw <= {rule.kl_min:g} for {streak} "
-                                    f"full-strength epochs up to epoch {last.get('epoch')}")
+        return Outcome("collapsed", f"{rule.criterion()} for {streak} full-strength epochs up to epoch {last.get('epoch')}")
     if last.get("status") == "completed":
+        if rule is not None and ends_collapsed:
+            return Outcome("collapsed", f"at the end: {rule.criterion()} in its last epoch ({last.get('epoch')}), "
+                                        "before the rule's grace and patience had run out")
         return Outcome("completed", "")
     if stopped_by_asha:
         return Outcome("asha_stopped", f"ASHA stopped it after epoch {last.get('epoch')}")

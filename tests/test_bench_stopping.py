@@ -24,7 +24,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import ray_folder
+from helpers import ray_folder
 from sweeps.stopping import CollapseRule, ScheduleTargets
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,7 +88,9 @@ def test_cyclical_ramps_neither_count_nor_reset():
 
 def test_ending_status_is_the_sweeps_verdict_on_the_whole_curve():
     assert ending_status(curve("t", 0, [{}, COLLAPSED, COLLAPSED]), RULE) == "collapsed"
-    assert ending_status(curve("t", 0, [{}, {}, COLLAPSED]), RULE) == "completed"  # one epoch: below the patience
+    # One collapsed epoch is below the patience, but it is the last: collapsed "at the end".
+    assert ending_status(curve("t", 0, [{}, {}, COLLAPSED]), RULE) == "collapsed"
+    assert ending_status(curve("t", 0, [{}, COLLAPSED, {}]), RULE) == "completed"
     assert ending_status(curve("t", 0, [COLLAPSED, COLLAPSED, {}]), RULE) == "completed"  # revived
     assert ending_status(curve("t", 0, [{}, {}], status="diverged"), RULE) == "diverged"
 
@@ -308,6 +310,7 @@ def written() -> float | None:
     return path.stat().st_mtime_ns if path.exists() else None
 
 
+@pytest.mark.system
 def test_replay_of_a_recorded_sweep(recording):
     before = written()
     done = bench("--replay-only", recording)
@@ -319,19 +322,25 @@ def test_replay_of_a_recorded_sweep(recording):
     assert written() == before  # --replay-only writes nothing without --write
 
 
-def test_bad_input_is_one_line_and_exit_2(recording, scratch, capsys):
-    def refused(*args: str) -> str:
-        assert main([str(a) for a in args]) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith("error: "), err
-        return err
+def refused(capsys, *args: str) -> str:
+    """The one error line of ``bench/stopping.py``'s main, which must exit 2."""
+    assert main([str(a) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    return err
 
-    assert "no sweep.json" in refused("--replay-only", scratch / "nowhere")
+
+def test_a_folder_without_a_sweep_is_one_line_and_exit_2(tmp_path, capsys):
+    assert "no sweep.json" in refused(capsys, "--replay-only", tmp_path / "nowhere")
+
+
+@pytest.mark.system
+def test_bad_input_is_one_line_and_exit_2(recording, scratch, capsys):
     stopped = scratch / "stopped"
     shutil.copytree(recording, stopped, ignore=shutil.ignore_patterns("trials", "tune", "report"))
     record = json.loads((stopped / "sweep.json").read_text())
     record["spec"]["early_stop"]["mode"] = "collapse"
     (stopped / "sweep.json").write_text(json.dumps(record))
-    assert "--early-stop none" in refused("--replay-only", stopped)
+    assert "--early-stop none" in refused(capsys, "--replay-only", stopped)
     # --live must be the sweep run with its collapse rule on, not another recording.
-    assert "--early-stop collapse" in refused("--replay-only", recording, "--live", recording)
+    assert "--early-stop collapse" in refused(capsys, "--replay-only", recording, "--live", recording)

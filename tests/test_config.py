@@ -21,13 +21,16 @@ def test_audited_experiments_carry_the_audited_values():
         assert (cfg.data.size, cfg.data.batch_size, cfg.in_channels) == (128, 8, 4)
         assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.grad_clip_norm) == (1e-4, 0.01, 5.0)
         assert cfg.model.posterior_logvar_min == -6.0
-        assert (cfg.objective.free_bits.floor, cfg.objective.free_bits.mode) == (0.2, "batch_mean")
+        # 0.05 nats x 128 dims: the audited 6.4-nat floor
+        assert (cfg.objective.free_bits.floor, cfg.objective.free_bits.mode) == (0.05, "batch_mean")
+        assert (cfg.objective.kl.beta, cfg.objective.kl.schedule) == (1.0, "constant")
         assert cfg.objective.likelihood == "mse_mean"
         assert cfg.train.epochs == 200 and cfg.train.mixed_precision
     exp2 = load_experiment("exp2_dipvae_sbd")
     assert (exp2.model.decoder, exp2.model.broadcast_grid) == ("broadcast", 8)
     dip = exp2.objective.dip
-    assert (dip.kind, dip.lambda_od, dip.lambda_diag, dip.start_epoch, dip.warmup_epochs) == ("ii", 10, 5, 20, 40)
+    # DIP from epoch 0, warming up linearly to lambda over 40 epochs
+    assert (dip.kind, dip.lambda_od, dip.lambda_diag, dip.start_epoch, dip.warmup_epochs) == ("ii", 10, 5, 0, 40)
 
 
 def test_collapse_settings_are_flagged_in_the_yaml_not_fixed():

@@ -32,53 +32,12 @@ from vae.data import (
     save_split,
     split_subjects,
 )
+from helpers import (
+    BAD_INPUTS, CHANNELS, REPO, SHAPE, brain, make_bad, modality_path, ras_affine, save, write_subject,
+)
 from vae.data.cache import MANIFEST
 
-REPO = Path(__file__).resolve().parents[1]
-FILE_NAMES = {  # canonical modality -> name in each convention
-    "brats2021": {"t1c": "t1ce", "t1n": "t1", "t2f": "flair", "t2w": "t2", "seg": "seg"},
-    "brats2023": {"t1c": "t1c", "t1n": "t1n", "t2f": "t2f", "t2w": "t2w", "seg": "seg"},
-}
-SEPARATOR = {"brats2021": "_", "brats2023": "-"}
-CHANNELS = ("t1c", "t1n", "t2f", "t2w")
-SHAPE = (28, 32, 24)  # voxels at 1 mm
 SMALL = PreprocessParams(size=16)
-
-
-def brain(shape=SHAPE, voxel_mm=1.0, channel=0, seed=0) -> np.ndarray:
-    """A float32 ellipsoid brain on a grid centred at 0 mm: smooth contrast, zero outside."""
-    rng = np.random.default_rng(seed)
-    phase, tilt = rng.uniform(0, np.pi), rng.uniform(0.5, 1.5)
-    x, y, z = ((np.indices(shape, dtype=np.float64)[i] - (shape[i] - 1) / 2) * voxel_mm for i in range(3))
-    # Semi-axes just under whole multiples of 2 mm: bounding boxes at 1 and 2 mm then span the same mm.
-    inside = (x / 11.9) ** 2 + (y / 13.9) ** 2 + (z / 9.9) ** 2 <= 1
-    value = 100 * (1 + channel) + 25 * np.sin(x / 4 + phase + channel) + 20 * np.cos(y / 5) + 10 * tilt * z
-    return np.where(inside, value, 0).astype(np.float32)
-
-
-def ras_affine(shape, voxel_mm=1.0) -> np.ndarray:
-    """Voxel centres at (i - (n - 1) / 2) * voxel_mm: the same world grid as :func:`brain`."""
-    affine = np.diag([voxel_mm] * 3 + [1.0])
-    affine[:3, 3] = [-(n - 1) / 2 * voxel_mm for n in shape]
-    return affine
-
-
-def write_subject(root: Path, case: str, naming="brats2021", ext=".nii.gz", seed=0, volumes=None, affine=None,
-                  seg=True) -> Path:
-    """A case directory with the four modalities (and a seg); returns the directory."""
-    folder = root / case
-    folder.mkdir(parents=True, exist_ok=True)
-    volumes = volumes or {m: brain(channel=c, seed=seed) for c, m in enumerate(CHANNELS)}
-    if seg:
-        volumes = {**volumes, "seg": (next(iter(volumes.values())) > 150).astype(np.uint8)}
-    for kind, volume in volumes.items():
-        nib.save(nib.Nifti1Image(volume, ras_affine(volume.shape) if affine is None else affine),
-                 folder / f"{case}{SEPARATOR[naming]}{FILE_NAMES[naming][kind]}{ext}")
-    return folder
-
-
-def modality_path(folder: Path, kind: str, naming="brats2021", ext=".nii.gz") -> Path:
-    return folder / f"{folder.name}{SEPARATOR[naming]}{FILE_NAMES[naming][kind]}{ext}"
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -250,71 +209,6 @@ def test_params_hash_is_stable_and_sensitive():
 
 # ---------------------------------------------------------------------------
 # Checks: every class of bad input names its file; prepare then writes nothing
-
-
-def truncate(path: Path) -> Path:
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    return path
-
-
-def save(path: Path, volume: np.ndarray, affine=None) -> Path:
-    nib.save(nib.Nifti1Image(volume, ras_affine(volume.shape[:3]) if affine is None else affine), path)
-    return path
-
-
-def make_bad(kind: str, root: Path, prefix: str = "") -> Path:
-    """Break one subject ``<prefix>bad`` under ``root`` (beside ``<prefix>good``); returns the file to blame."""
-    write_subject(root, f"{prefix}good", seed=9)
-    folder = write_subject(root, f"{prefix}bad")
-    t2f = modality_path(folder, "t2f")
-    if kind == "truncated gzip":
-        return truncate(t2f)
-    if kind == "corrupt gzip":
-        data = bytearray(t2f.read_bytes())
-        middle = len(data) // 2
-        data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
-        t2f.write_bytes(bytes(data))
-        return t2f
-    if kind == "not NIfTI":
-        t2f.unlink()
-        text = folder / f"{folder.name}_flair.nii"
-        text.write_text("subject,notes\n" * 50)
-        return text
-    if kind == "missing modality":
-        t2f.unlink()
-        return folder
-    if kind == "4D":
-        return save(t2f, np.stack([brain(), brain()], axis=-1))
-    if kind == "shape":
-        return save(t2f, np.pad(brain(), 1), affine=ras_affine(SHAPE))
-    if kind == "affine":
-        shifted = ras_affine(SHAPE)
-        shifted[0, 3] += 3.0  # 3 mm along x
-        return save(t2f, brain(), affine=shifted)
-    if kind == "NaN/Inf":
-        volume = brain()
-        volume[3, 4, 5], volume[12, 14, 10] = np.nan, np.inf
-        return save(t2f, volume)
-    if kind == "all zero":
-        return save(t2f, np.zeros(SHAPE, np.float32))
-    if kind == "duplicate":
-        return write_subject(root / "again", folder.name)
-    raise AssertionError(kind)
-
-
-BAD_INPUTS = {  # kind -> words the message must contain
-    "truncated gzip": "truncated gzip",
-    "corrupt gzip": "corrupt gzip",
-    "not NIfTI": "not a NIfTI file",
-    "missing modality": "missing modality t2f",
-    "4D": "4D image",
-    "shape": "shape (30, 34, 26) differs",
-    "affine": "affine differs",
-    "NaN/Inf": "2 NaN/Inf voxels",
-    "all zero": "all voxels are zero",
-    "duplicate": "duplicate subject id",
-}
 
 
 @pytest.mark.parametrize("kind", BAD_INPUTS)

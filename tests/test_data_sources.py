@@ -6,8 +6,8 @@ import numpy as np
 
 from vae.config import DataConfig
 from vae.data import Manifest, PreprocessParams, prepare
-from vae.data.phantom import write_phantom_dataset
-from vae.data.sources import cache_root, prepared_cache, training_datasets
+from vae.data.phantom import anatomy_key, write_phantom_dataset
+from vae.data.sources import cache_root, phantom_source, prepared_cache, training_datasets
 
 
 def _data(tmp_path, **changes) -> DataConfig:
@@ -24,6 +24,16 @@ def test_phantom_is_the_default_and_is_built_once(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in cache.iterdir()} == stamps  # reused, not rewritten
     # Other phantom settings are another data set, in another directory.
     assert prepared_cache(_data(tmp_path, phantom={"subjects": 6, "vary": "tumour"})) != cache
+
+
+def test_the_phantom_is_named_after_the_anatomy_it_was_rendered_from(tmp_path):
+    """The tissue maps' content is in the phantom's folder name: other maps, another data set."""
+    mni = phantom_source(_data(tmp_path))
+    assert f"-{anatomy_key('mni')}-" in mni.name
+    procedural = phantom_source(_data(tmp_path, phantom={"subjects": 6, "anatomy": "procedural"}))
+    assert "-procedural-" in procedural.name and procedural != mni
+    factors = json.loads(next(procedural.rglob("factors.json")).read_text())
+    assert factors["anatomy"] == "procedural_ellipsoids"
 
 
 def test_nifti_root_is_prepared_and_a_cache_root_used_as_is(tmp_path):

@@ -505,3 +505,34 @@ def test_total_correlation_rejects_bad_input():
         obj.total_correlation(mu[:, :2], mu, logvar, 100, "mws")
     with pytest.raises(ValueError, match="at least 2"):
         obj.log_importance_weight_matrix(1, 100)
+
+
+# --------------------------------------------------------------------------- the audited collapse in numbers
+
+
+def test_audited_exp2_at_full_collapse_reports_the_free_bits_floor():
+    """mu = 0 and logvar = 0 for all 128 dims: KL_raw is 0 and the objective sees the floor,
+    128 x 0.05 = 6.4 nats (the audit's kl_constrained of 6.40-6.43); DIP-II adds nothing."""
+    from vae.config import load_experiment
+    from vae.diagnostics import ValidationAccumulator
+    from vae.loss import compute_loss
+
+    cfg = load_experiment("exp2_dipvae_sbd", ["data.size=16", "data.modalities=[t1c]"])
+    assert cfg.model.z_dim == 128
+    batch, d = 8, cfg.model.z_dim
+    mu = logvar = torch.zeros(batch, d)
+    x = torch.randn(batch, 1, 16, 16, 16)
+    x_hat = x.mean(dim=0, keepdim=True).expand_as(x)  # the template
+    terms = compute_loss(x, x_hat, mu, logvar, torch.randn(batch, d), cfg.objective,
+                         epoch=cfg.train.epochs - 1.0, total_epochs=cfg.train.epochs, dataset_size=100)
+    assert float(terms.kl_raw) == 0.0
+    assert float(terms.kl_constrained) == pytest.approx(6.4, rel=1e-6)
+    assert terms.dip_weight == 1.0 and float(terms.dip_penalty) == 0.0
+
+    fb = cfg.objective.free_bits
+    acc = ValidationAccumulator(d, free_bits_floor=fb.floor, free_bits_mode=fb.mode)
+    acc.update(x, x_hat, x_hat, x_hat, mu, logvar, torch.randn(batch, d))
+    acc.reduce()
+    reported = acc.result()
+    assert reported["kl_raw"] == 0.0 and reported["au"] == 0
+    assert reported["kl_constrained"] == pytest.approx(6.4, rel=1e-6)

@@ -1,18 +1,15 @@
 import csv
-import importlib.util
 import json
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from vae.config import ConfigError, load_experiment
+from vae.data import DataError
 from vae.data import phantom as P
 
-HAS_NILEARN = importlib.util.find_spec("nilearn") is not None
-ANATOMIES = [
-    "procedural",
-    pytest.param("mni", marks=pytest.mark.skipif(not HAS_NILEARN, reason="nilearn (the MNI maps) is not installed")),
-]
+ANATOMIES = ["procedural", "mni"]  # the MNI maps come with the pinned nilearn, a declared dependency
 TUMOUR = {"tumour_present": True}
 
 
@@ -200,17 +197,29 @@ def test_anatomy_fractions_are_valid(anatomy):
 
 def test_procedural_anatomy_needs_no_data_files(monkeypatch):
     monkeypatch.setattr(P, "mni_template_paths", lambda: None)
-    assert P.get_anatomy("auto").name == "procedural_ellipsoids"
-    with pytest.raises(FileNotFoundError, match="nilearn"):
+    assert P.get_anatomy("procedural").name == "procedural_ellipsoids"
+    with pytest.raises(DataError, match="nilearn") as missing:
         P.mni_anatomy.__wrapped__()  # the uncached loader
-    subject = P.render_subject(P.subject_factors(0, 0, anatomy="auto"), 16, anatomy="auto")
+    message = str(missing.value)
+    assert "\n" not in message and "./setup.sh" in message and "data.phantom.anatomy=procedural" in message
+    subject = P.render_subject(P.subject_factors(0, 0, anatomy="procedural"), 16, anatomy="procedural")
     assert subject.factors["anatomy"] == "procedural_ellipsoids"
 
 
-@pytest.mark.skipif(not HAS_NILEARN, reason="nilearn (the MNI maps) is not installed")
-def test_mni_anatomy_is_used_when_installed():
-    assert P.mni_template_paths() is not None
-    assert P.get_anatomy("auto").name == "mni_icbm152_2009a_sym"
+def test_the_anatomy_is_explicit_and_mni_by_default():
+    assert P.mni_template_paths() is not None  # nilearn is a declared dependency
+    assert P.get_anatomy().name == "mni_icbm152_2009a_sym"
+    assert load_experiment("exp1_baseline_vae").data.phantom.anatomy == "mni"
+    with pytest.raises(ConfigError, match="data.phantom.anatomy"):
+        load_experiment("exp1_baseline_vae", ["data.phantom.anatomy=auto"])
+    with pytest.raises(ValueError, match="auto"):
+        P.get_anatomy("auto")
+    # The maps' content names the cache, so maps of another release make another phantom.
+    assert P.anatomy_key("mni").startswith("mni-") and P.anatomy_key("mni") == P.anatomy_key("mni")
+    assert P.anatomy_key("procedural") == "procedural"
+
+
+def test_mni_anatomy_sites():
     sites = P.get_anatomy("mni").tumour_sites_mm
     assert len(sites) > 1000 and sites[:, 2].min() > P.TUMOUR_SITE_MIN_Z_MM
 

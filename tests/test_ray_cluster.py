@@ -25,7 +25,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -34,9 +33,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import ray_folder
+from helpers import ray_folder
 from sweeps.monitoring import EXPORTED_METRICS, METRIC_PREFIX, MLFLOW_DB, TRACKERS, check_trackers
 from vae.config import ConfigError
+
+pytestmark = pytest.mark.system  # a two-node cluster and a Ray job: minutes
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -158,8 +159,6 @@ def job(cluster, scratch):
              "--address", "auto", "--results", str(results), "--run", "job", "--log", "wandb", "--log", "mlflow"],
             env=cluster.env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S,
         )
-        time.sleep(4)  # two more export periods for the last epochs' values
-        scraped.extend(scrape(cluster.metrics_urls))
     finally:
         done.set()
         poller.join()

@@ -1,7 +1,7 @@
 """Bad input through the command lines, as a user meets it, with real files.
 
 Every case runs ``python sweeps/run.py``, ``python -m trainables.train`` or
-``python -m vae.data check|prepare`` as a subprocess on one broken input: bad NIfTI data,
+``python -m vae.data check|prepare`` on one broken input: bad NIfTI data,
 a broken experiment or sweep YAML (a ``!!python`` tag among them), a wrong value, a storage
 URL that cannot be opened, a results folder that cannot be written. Each must end with exit
 status 2 and one line on stderr naming the file or key and what to do, no traceback, Ray
@@ -10,8 +10,11 @@ nothing written: no run folder, no cache file, no study. ``check`` is a report: 
 goes to stdout, one line, and stderr says how many there were.
 
 Every data class goes through both ``vae.data`` commands and one of the two training
-commands (both run the same check before any compute). The cases run four at a time, each
-in a folder of its own with its own Ray folder and data cache.
+commands (both run the same check before any compute). The fast tier calls each command's
+``main()`` in this process, with ``ray.init`` made to fail the test; the system tier runs every
+case as a real subprocess, four at a time, each in a folder of its own with its own Ray folder
+and data cache (Ray must leave no session there). A folder the command may not write needs a
+user it binds: those cases run as subprocesses only.
 """
 from __future__ import annotations
 
@@ -29,11 +32,8 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-import yaml
 
-from conftest import ray_folder
-from test_data_pipeline import BAD_INPUTS, make_bad, modality_path, truncate, write_subject
-from test_sweep_spec import MINIMAL
+from helpers import BAD_INPUTS, MINIMAL, make_bad, modality_path, ray_folder, truncate, write_subject, write_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = [sys.executable, str(REPO / "sweeps" / "run.py")]
@@ -60,15 +60,11 @@ class Case:
     command: list[str]
     words: list[str]
     report: bool = False  # vae.data check: the problem on stdout, a count on stderr
-    locked: bool = False  # needs a folder it cannot write
+    locked: bool = False  # needs a folder it cannot write (a subprocess of another user)
+    maps_missing: bool = False  # needs the MNI maps gone (patched, so in this process only)
 
 
 Builder = Callable[[Path], Case]  # writes a case's inputs into its folder
-
-
-def write_yaml(path: Path, content: dict | str) -> Path:
-    path.write_text(content if isinstance(content, str) else yaml.safe_dump(content, sort_keys=False))
-    return path
 
 
 def with_marker(content: dict | str, folder: Path) -> dict | str:
@@ -168,6 +164,17 @@ def closed_port() -> int:
         return probe.getsockname()[1]
 
 
+def missing_mni_case(cli: str) -> Builder:
+    """The phantom's MNI maps are gone (the package that ships them missing): in-process only."""
+    def build(folder: Path) -> Case:
+        config = [str(write_yaml(folder / "sweep.yaml", MINIMAL))] if cli == "sweep" else EXPERIMENT
+        command = (SWEEP if cli == "sweep" else TRAIN) + config + ["--results", str(folder / "results")]
+        return Case(command, ["data.phantom.anatomy 'mni'", "nilearn", "./setup.sh", "anatomy=procedural"],
+                    maps_missing=True)
+
+    return build
+
+
 PORT = closed_port()
 CASES: dict[str, Builder] = {
     **{f"{cli}: {kind}": data_case(cli, kind) for kind in DATA_KINDS
@@ -204,6 +211,8 @@ CASES: dict[str, Builder] = {
     "prepare: out-of-range value": prepare_flags_case(["--size", "1"], "size must be an integer >= 2, got 1"),
     "prepare: unknown modality": prepare_flags_case(["--size", "16", "--modalities", "t1c", "t3"],
                                                     "unknown modality 't3'"),
+    "sweep: phantom maps missing": missing_mni_case("sweep"),
+    "train: phantom maps missing": missing_mni_case("train"),
 }
 
 
@@ -211,13 +220,13 @@ CASES: dict[str, Builder] = {
 class Outcome:
     case: Case
     folder: Path
-    ray_dir: Path
+    ray_dir: Path | None  # the subprocess's Ray folder (None in this process: ray.init fails the test)
     result: subprocess.CompletedProcess
     seconds: float
 
 
 def run_case(name: str, base: Path) -> Outcome:
-    """Build and run case ``name`` in ``base/<name>`` with its own Ray folder and data cache."""
+    """Build and run case ``name`` in ``base/<name>`` as a subprocess with its own Ray folder and data cache."""
     folder = base / re.sub(r"\W+", "_", name).strip("_")
     folder.mkdir(parents=True)
     case = CASES[name](folder)
@@ -230,9 +239,43 @@ def run_case(name: str, base: Path) -> Outcome:
     return Outcome(case, folder, Path(ray_env["RAY_TMPDIR"]), result, time.perf_counter() - began)
 
 
+def in_process_main(command: list[str]):
+    """The ``main(argv)`` a command line runs, and its arguments."""
+    import sweeps.run
+    import trainables.train
+    import vae.data.__main__
+
+    for prefix, module in ((SWEEP, sweeps.run), (TRAIN, trainables.train), (DATA, vae.data.__main__)):
+        if command[: len(prefix)] == prefix:
+            return module.main, command[len(prefix):]
+    raise AssertionError(command)
+
+
+def check_outcome(outcome: Outcome) -> None:
+    """Exit 2, one line naming the file or key, no traceback, nothing started, written or executed."""
+    result, case = outcome.result, outcome.case
+    assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-3000:])
+    assert "Traceback" not in result.stderr + result.stdout
+    errors = message_lines(result.stderr)
+    assert len(errors) == 1, errors
+    if case.report:  # the problem on stdout, one line, naming the file; the count on stderr
+        problems = message_lines(result.stdout)
+        assert len(problems) == 1 and errors == [f"1 problem(s) under {case.command[-1]}"], (problems, errors)
+        line = problems[0]
+    else:
+        line = errors[0]
+    for words in case.words:
+        assert words in line, (words, line)
+    assert "secret" not in result.stderr  # a database password is never printed
+    if outcome.ray_dir is not None:
+        assert not list(outcome.ray_dir.rglob("session_*")), "Ray was started"
+    assert left_behind(outcome.folder) == []
+    assert not (outcome.folder / MARKER).exists()  # a !!python tag ran nothing
+
+
 @pytest.fixture(scope="module")
 def outcomes(scratch):
-    names = [name for name in CASES if CAN_LOCK or "read-only" not in name]
+    names = [name for name in CASES if (CAN_LOCK or "read-only" not in name) and "maps missing" not in name]
     began = time.perf_counter()
     with ThreadPoolExecutor(max_workers=4) as pool:
         done = dict(zip(names, pool.map(lambda name: run_case(name, scratch / "bad-input"), names)))
@@ -256,25 +299,28 @@ def left_behind(folder: Path) -> list[Path]:
     return written + list(folder.rglob("*.db")) + list(folder.rglob("*/locked/*"))
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [name for name in CASES if "read-only" not in name])
+def test_bad_input_through_each_main_is_one_line_exit_2(name, tmp_path, monkeypatch, capsys, no_ray):
+    folder = tmp_path / "case"
+    folder.mkdir()
+    case = CASES[name](folder)
+    monkeypatch.setenv("COLLAPSE_SWEEP_CACHE", str(folder / "cache-root"))
+    if case.maps_missing:
+        monkeypatch.setattr("vae.data.phantom.mni_template_paths", lambda: None)
+    main, argv = in_process_main(case.command)
+    began = time.perf_counter()
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own errors, as the command line ends them
+        code = exit_.code
+    captured = capsys.readouterr()
+    result = subprocess.CompletedProcess(case.command, code, captured.out, captured.err)
+    check_outcome(Outcome(case, folder, None, result, time.perf_counter() - began))
+
+
+@pytest.mark.system
+@pytest.mark.parametrize("name", [name for name in CASES if "maps missing" not in name])
 def test_bad_input_is_one_line_exit_2_before_anything_starts(outcomes, name):
     if name not in outcomes:
         pytest.skip("root without unshare: no folder is read-only to it")
-    outcome = outcomes[name]
-    result, case = outcome.result, outcome.case
-    assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-3000:])
-    assert "Traceback" not in result.stderr + result.stdout
-    errors = message_lines(result.stderr)
-    assert len(errors) == 1, errors
-    if case.report:  # the problem on stdout, one line, naming the file; the count on stderr
-        problems = message_lines(result.stdout)
-        assert len(problems) == 1 and errors == [f"1 problem(s) under {case.command[-1]}"], (problems, errors)
-        line = problems[0]
-    else:
-        line = errors[0]
-    for words in case.words:
-        assert words in line, (words, line)
-    assert "secret" not in result.stderr  # a database password is never printed
-    assert not list(outcome.ray_dir.rglob("session_*")), "Ray was started"
-    assert left_behind(outcome.folder) == []
-    assert not (outcome.folder / MARKER).exists()  # a !!python tag ran nothing
+    check_outcome(outcomes[name])

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from test_reliability_faults import BETA, SOUND, finish, start_sweep, sweep_env, write_sweep  # noqa: F401, F811 (a fixture)
-from test_sweep_run import load_study, read_csv
+from helpers import BETA, SOUND, finish, load_study, read_csv, start_sweep, write_sweep
 
 TRIALS, EPOCHS = 64, 2
 # Tune keeps every trial's record for the life of the experiment: a bare Tuner of 64 trivial trials (two
@@ -48,7 +47,7 @@ def sample_memory(pid: int, trials_dir: Path, samples: list[tuple[float, int, in
         stop.wait(1.0)
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_64_trials_finish_and_the_driver_keeps_little_per_trial(scratch, sweep_env):
     overrides = {**SOUND, "data.phantom.subjects": 6, "train.image_every": EPOCHS, "train.checkpoint_every": EPOCHS}
     path = write_sweep(scratch, "load", overrides, BETA, {"cpus_per_trial": 1},

@@ -16,25 +16,19 @@ import optuna
 import pytest
 import yaml
 
+from helpers import MINIMAL
 from sweeps.outputs import best_trial, param_labels
 from sweeps.run import main
-from sweeps.spec import Sweep, collapse_warnings, load_sweep, reported_metrics, sweep_names
+from sweeps.spec import Sweep, collapse_warnings, load_sweep, reported_metrics, stopping_notes, sweep_names
 from sweeps.space import parse_space
-from sweeps.stopping import CollapseRule, ScheduleTargets, at_full_strength, collapse_streak, trial_outcome
+from sweeps.stopping import (
+    CollapseRule, ScheduleTargets, at_full_strength, collapse_history, collapse_streak, trial_outcome,
+)
 from vae.config import ConfigError, load_experiment
 from vae.objectives import kl_weight
 
 REPO = Path(__file__).resolve().parents[1]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-# A valid sweep every error case below breaks in one place.
-MINIMAL = {
-    "experiment": "exp1_baseline_vae",
-    "overrides": {"data.size": 16, "model.depth": 2, "model.z_dim": 8},
-    "space": {"objective.kl.beta": {"low": 0.1, "high": 10.0, "log": True}},
-    "budget": {"num_samples": 2, "max_epochs": 2},
-}
-
 
 def write_sweep(tmp_path: Path, raw: dict, name: str = "mine") -> Path:
     path = tmp_path / f"{name}.yaml"
@@ -75,9 +69,18 @@ def test_dip_sbd_starts_from_the_audited_exp2():
     obj, ref = audited.objective, exp2.objective
     assert (obj.likelihood, obj.kl, obj.free_bits, obj.tc) == (ref.likelihood, ref.kl, ref.free_bits, ref.tc)
     assert (obj.dip.kind, obj.dip.lambda_od, obj.dip.lambda_diag) == ("ii", 10.0, 5.0)
-    # The DIP schedule is searched as a fraction of the run: 20 and 40 of exp2's 200 epochs.
-    assert obj.dip.start_epoch / sweep.epochs == pytest.approx(20 / 200)
+    # The DIP schedule is searched as a fraction of the run: from epoch 0, warming up over 40 of exp2's 200.
+    assert obj.dip.start_epoch == 0
     assert obj.dip.warmup_epochs / sweep.epochs == pytest.approx(40 / 200)
+
+
+@pytest.mark.parametrize("name", ["dip_sbd", "baseline", "tcvae_sbd"])
+def test_every_audited_point_carries_the_audited_objective(name):
+    sweep = load_sweep(name)
+    (audited,) = [p for p in sweep.spec.enqueue if p.audited]
+    objective = sweep.experiment_for(audited.params).objective
+    assert (objective.likelihood, objective.kl.beta, objective.kl.schedule) == ("mse_mean", 1.0, "constant")
+    assert (objective.free_bits.floor, objective.free_bits.mode) == (0.05, "batch_mean")
 
 
 # --------------------------------------------------------------------------- errors: one line, exit 2
@@ -152,7 +155,6 @@ def test_unknown_sweep_lists_the_available_ones(capsys):
     [
         (["objective.kl.betta=1"], "unknown key 'betta' in objective.kl"),
         (["--resume"], "holds no record of any run"),
-        (["--resume", "--max-epochs", "3"], "cannot change --max-epochs"),
         (["--smoke"], "--smoke needs a 'smoke:' section"),
         (["--storage", "not a url"], "is not a database URL"),
     ],
@@ -162,6 +164,34 @@ def test_command_line_mistakes(argv, message, tmp_path, capsys):
     assert main([str(path), "--results", str(tmp_path / "results"), *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_resume_takes_the_recorded_options_again_and_refuses_other_values(tmp_path, capsys):
+    """Repeating a sweep's command line with --resume is fine; only a value that differs from the record is refused."""
+    from sweeps.run import parse_args, prepare
+    from sweeps.service import _record_start
+    from vae.train import derive_seed
+
+    path, results = write_sweep(tmp_path, MINIMAL), tmp_path / "results"
+    options = [str(path), "--results", str(results), "--run", "r1", "--max-epochs", "3", "--early-stop", "none",
+               "data.batch_size=2"]
+    first = prepare(parse_args(options))
+    first.out_dir.mkdir(parents=True)
+    _record_start(first)
+    record = json.loads((first.out_dir / "sweep.json").read_text())
+    assert isinstance(record["seed"], int) and record["seed"] == first.seed  # drawn entropy, recorded as an integer
+
+    again = prepare(parse_args([*options, "--resume", "--num-samples", "5"]))
+    assert again.resume and again.out_dir == first.out_dir and again.sweep.spec.budget.num_samples == 5
+    assert again.seed == derive_seed(first.seed, 1, 1)  # replayable, and not the first start's suggestions again
+    assert prepare(parse_args([str(path), "--results", str(results), "--resume", "--seed", "7"])).seed == 7
+
+    different = [str(path), "--results", str(results), "--resume", "--max-epochs", "4", "data.batch_size=2",
+                 "data.size=32", "--early-stop", "none"]
+    assert main(different) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "cannot change --max-epochs (recorded 3, given 4); data.size (recorded 16, given 32)" in line
+    assert "batch_size" not in line and "early-stop" not in line
 
 
 def test_the_script_itself_exits_2_with_one_line(tmp_path):
@@ -264,6 +294,9 @@ PLAIN = ScheduleTargets(beta=1.0, capacity_max=None, dip=False)
         ([row(capacity=10.0), row(capacity=25.0), row(capacity=25.0)], RULE, ScheduleTargets(1.0, 25.0, False), 2),
         # beta may be 0: a zero weight is its full value
         ([row(kl_weight=0.0)] * 2, RULE, ScheduleTargets(0.0, None, False), 2),
+        # without au_min (the default) a tiny KL is collapse whatever AU says: free bits inflate AU for nothing
+        ([row(au=3.0), row(au=5.0), row(au=0.0, kl_raw=0.6)], CollapseRule(kl_min=0.5, patience=3), PLAIN, 0),
+        ([row(au=3.0), row(au=5.0)], CollapseRule(kl_min=0.5, patience=3), PLAIN, 2),
     ],
 )
 def test_collapse_streak(rows, rule, targets, expected):
@@ -302,6 +335,26 @@ def test_trial_outcome(last, error, streak, asha, status):
     assert trial_outcome(last, error, streak, RULE, asha).status == status
     if status == "collapsed":
         assert trial_outcome(last, error, streak, None, asha).status == "completed"  # no collapse rule
+
+
+def test_a_rule_that_cannot_stop_a_trial_early_is_said_at_start_up():
+    assert stopping_notes(load_sweep("dip_sbd")) == []  # grace 5 + patience 10 of 100 epochs
+    (note,) = stopping_notes(load_sweep("dip_sbd", changes={"budget.max_epochs": 15}))
+    assert "grace 5 + patience 10" in note and "15 epochs" in note and "at the end" in note
+    assert stopping_notes(load_sweep("dip_sbd", changes={"budget.max_epochs": 15, "early_stop.mode": "none"})) == []
+
+
+def test_a_budget_that_ends_while_the_trial_is_collapsed_ends_it_collapsed():
+    """Grace + patience longer than the run: the last epoch decides (a 16-epoch run once listed the
+    audited trial, AU 0 and KL_raw 0.009 nats, as completed)."""
+    last = {"status": "completed", "epoch": 16}
+    outcome = trial_outcome(last, False, 1, RULE, False, ends_collapsed=True)
+    assert outcome.status == "collapsed" and outcome.reason.startswith("at the end: AU <= 0 and KL_raw <= 0.5 nats")
+    assert trial_outcome(last, False, 0, RULE, False, ends_collapsed=False).status == "completed"
+    assert trial_outcome(last, False, 0, None, False, ends_collapsed=True).status == "completed"  # no rule
+    rows = [HEALTHY, row(kl_weight=0.5), row()]  # collapsed in its last epoch, not yet at full strength before
+    assert collapse_history(rows, RULE, PLAIN) == (1, True)
+    assert collapse_history([row(), HEALTHY], RULE, PLAIN) == (0, False)
 
 
 # --------------------------------------------------------------------------- warnings and small pieces

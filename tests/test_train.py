@@ -157,8 +157,8 @@ def test_epochs_csv_and_latents_hold_one_row_per_epoch(run_a):
 
 def test_reconstruction_pictures_are_written(run_a):
     run_dir, _, _, _ = run_a
-    assert sorted(p.name for p in run_dir.glob("recon_*.png")) == [
-        "recon_epoch0002.png", "recon_epoch0003.png", "recon_latest.png"
+    assert sorted(p.name for p in run_dir.glob("recon_*.png")) == [  # the first epoch, every 2nd, the last
+        "recon_epoch0001.png", "recon_epoch0002.png", "recon_epoch0003.png", "recon_latest.png"
     ]
     image = matplotlib.image.imread(run_dir / "recon_latest.png")
     assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 100

@@ -1,6 +1,6 @@
-"""The Ray trainable end to end on a small phantom: one Tune run of four trials (1 and 2
-workers, a sound and a diverging objective), the single-run CLI killed and resumed, and
-the pure parts (trial config, resources) on their own.
+"""The Ray trainable end to end on a small phantom: Tune runs of a sound and a diverging
+objective, on one worker (fast tier) and on two DDP workers (system tier), the single-run
+CLI killed and resumed (system tier), and the pure parts (trial config, resources) on their own.
 
 Ray needs short socket paths and, since 2.60, a token file: every Ray instance here lives
 in its own short folder under /tmp. The module shares one instance for the in-process
@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ray_folder
+from helpers import ray_folder, session_members, wait_for
 from trainables import (
     DRIVER_CPU, ResourceError, TrialResources, max_concurrent_trials, parse_trial_config, train_trial, trial_config,
     trial_resources,
@@ -81,24 +81,43 @@ def ray_instance():
     shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def sweep(ray_instance, cache, scratch):
-    """One Tuner, four trials: workers in (1, 2) x objective.sigma2 in (SOUND, OVERFLOWING)."""
+def tune_trials(workers: int, cache: Path, scratch: Path) -> dict:
+    """One Tuner of two trials on ``workers`` workers each: objective.sigma2 in (SOUND, OVERFLOWING)."""
     from ray import tune
 
     cfg = small_experiment(scratch / "cache")
     config = trial_config(
-        cfg, cache, scratch / "runs", TrialResources(cpus_per_worker=0.99),
+        cfg, cache, scratch / "runs", TrialResources(workers=workers, cpus_per_worker=0.99),
         overrides={"objective.sigma2": tune.grid_search([SOUND, OVERFLOWING])},
     )
-    config["workers"] = tune.grid_search([1, 2])
     grid = tune.Tuner(
         tune.with_resources(train_trial, trial_resources),
         param_space=config,
-        run_config=tune.RunConfig(name="sweep", storage_path=str(scratch / "tune"), verbose=0),
+        run_config=tune.RunConfig(name=f"sweep-{workers}", storage_path=str(scratch / "tune"), verbose=0),
     ).fit()
-    results = {(r.config["workers"], r.config["overrides"]["objective.sigma2"]): r for r in grid}
-    return grid, results, scratch / "runs"
+    assert grid.num_errors == 0, [r.error for r in grid]
+    assert grid.num_terminated == 2
+    return {(workers, r.config["overrides"]["objective.sigma2"]): r for r in grid}
+
+
+@pytest.fixture(scope="module")
+def one_worker(ray_instance, cache, scratch):
+    return tune_trials(1, cache, scratch)
+
+
+@pytest.fixture(scope="module")
+def two_workers(ray_instance, cache, scratch):
+    return tune_trials(2, cache, scratch)
+
+
+@pytest.fixture
+def sweep(request, scratch):
+    """``(results, run_root)`` of the trials with the test's ``workers`` (its parameter)."""
+    fixture = "one_worker" if request.node.callspec.params["workers"] == 1 else "two_workers"
+    return request.getfixturevalue(fixture), scratch / "runs"
+
+
+WORKERS = [1, pytest.param(2, marks=pytest.mark.system)]
 
 
 def run_dir_of(result, run_root: Path) -> Path:
@@ -114,15 +133,9 @@ def read_epochs(run_dir: Path) -> tuple[list[str], list[dict[str, str]]]:
 # --------------------------------------------------------------------------- Tune runs
 
 
-def test_no_trial_errors(sweep):
-    grid, results, _ = sweep
-    assert grid.num_errors == 0, [r.error for r in grid]
-    assert grid.num_terminated == 4 and len(results) == 4
-
-
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers", WORKERS)
 def test_every_epoch_reports_every_key(sweep, workers):
-    _, results, run_root = sweep
+    results, run_root = sweep
     result = results[(workers, SOUND)]
     frame = result.metrics_dataframe
     assert frame["epoch"].tolist() == list(range(1, EPOCHS + 1))
@@ -138,18 +151,19 @@ def test_every_epoch_reports_every_key(sweep, workers):
     assert [float(r["kl_raw"]) for r in rows] == pytest.approx(frame["kl_raw"].tolist(), rel=1e-12)
 
 
-def test_two_workers_go_through_ray_train(sweep):
-    _, results, run_root = sweep
+@pytest.mark.system
+def test_two_workers_go_through_ray_train(two_workers, scratch):
+    results, run_root = two_workers, scratch / "runs"
     result = results[(2, SOUND)]
     # TuneReportCallback adds where Ray Train stored each checkpoint.
     assert all(Path(p).is_relative_to(run_root / "ray_train") for p in result.metrics_dataframe["checkpoint_path"])
     assert (run_root / "ray_train" / f"train-{result.metrics['trial_id']}").is_dir()
 
 
-def test_two_workers_reduce_diagnostics_over_all_validation_volumes(sweep):
+@pytest.mark.system
+def test_two_workers_reduce_diagnostics_over_all_validation_volumes(one_worker, two_workers):
     """Each rank validates half of the 4 volumes; reduced, the diagnostics equal one process's."""
-    _, results, _ = sweep
-    one, two = (results[(w, SOUND)].metrics_dataframe for w in (1, 2))
+    one, two = (results[(w, SOUND)].metrics_dataframe for w, results in ((1, one_worker), (2, two_workers)))
     assert two["au"].tolist() == one["au"].tolist()
     for key in MEAN_DIAGNOSTICS:
         assert two[key].to_numpy() == pytest.approx(one[key].to_numpy(), rel=1e-4, abs=1e-7), key
@@ -157,9 +171,9 @@ def test_two_workers_reduce_diagnostics_over_all_validation_volumes(sweep):
     assert one["mu_max_offdiag_corr"].abs().max() < 1 - 1e-6
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers", WORKERS)
 def test_overflowing_loss_ends_trial_as_diverged(sweep, workers):
-    _, results, run_root = sweep
+    results, run_root = sweep
     result = results[(workers, OVERFLOWING)]
     assert result.error is None
     frame = result.metrics_dataframe
@@ -171,12 +185,12 @@ def test_overflowing_loss_ends_trial_as_diverged(sweep, workers):
     assert [r["status"] for r in rows] == ["diverged"]
 
 
-def test_reconstruction_panel_has_four_rows(sweep, tmp_path):
+def test_reconstruction_panel_has_four_rows(one_worker, scratch, tmp_path):
     from matplotlib.image import imread
 
     from vae.report import reconstruction_panel, save_panel
 
-    _, results, run_root = sweep
+    results, run_root = one_worker, scratch / "runs"
     image = imread(run_dir_of(results[(1, SOUND)], run_root) / "recon_latest.png")
     # The same panel drawn directly: 4 rows (input, x_hat(mu), x_hat(z), x_hat(0)) x 2 modalities.
     volume = torch.zeros(2, SIZE, SIZE, SIZE)
@@ -200,35 +214,11 @@ def write_experiment(path: Path, cfg: ExperimentConfig) -> Path:
     return path
 
 
-def session_members(session: int) -> list[tuple[int, str]]:
-    """``(pid, command line)`` of the live processes of ``session`` (a CLI started with ``start_new_session``).
-
-    Ray's own processes stay in the session of the process that started Ray, even those
-    that take a process group of their own and rename themselves (``ray::ImplicitFunc.train``).
-    """
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # state ppid pgrp session ...
-            if int(fields[3]) == session:
-                command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                members.append((int(stat.parent.name), command))
-        except (OSError, IndexError, ValueError):  # gone meanwhile
-            pass
-    return members
-
-
-def wait_for(condition, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-5000:]
-        time.sleep(0.05)
-
-
 def printed_epochs(text: str) -> list[int]:
     return [int(line.split()[1].split("/")[0]) for line in text.splitlines() if line.startswith("epoch ")]
 
 
+@pytest.mark.system
 def test_cli_run_resumes_after_its_trial_and_then_itself_are_killed(cache, scratch):
     """A crashed trial is retried by Tune from its checkpoint; a killed CLI resumes when run again."""
     epochs = 20
@@ -242,7 +232,9 @@ def test_cli_run_resumes_after_its_trial_and_then_itself_are_killed(cache, scrat
     with log.open("w") as out:
         first = cli(args, env, stdout=out, stderr=subprocess.STDOUT)
         try:
-            wait_for(lambda: (run_dir / "checkpoint" / "checkpoint.pt").is_file() and epochs_done() >= 1, first, log)
+            # Tune has received epoch 1 with its checkpoint (the CLI printed it): the retry resumes after it.
+            wait_for(lambda: printed_epochs(log.read_text()) and (run_dir / "checkpoint" / "checkpoint.pt").is_file(),
+                     first, log)
             trials = [pid for pid, command in session_members(first.pid) if command.startswith("ray::ImplicitFunc")]
             assert len(trials) == 1
             os.kill(trials[0], signal.SIGKILL)  # the trial's process: Tune retries it (--max-failures 1)

@@ -31,7 +31,8 @@ class PhantomConfig(Section):
 
     subjects: int = Field(64, ge=4)
     vary: Literal["all", "tumour"] = "all"
-    anatomy: Literal["auto", "mni", "procedural"] = "auto"
+    # mni: the MNI152 tissue maps of the pinned nilearn package; procedural: analytic ellipsoids.
+    anatomy: Literal["mni", "procedural"] = "mni"
     seed: int = 0
 
 

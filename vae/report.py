@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from vae.data.cache import atomic_write
 
 EPOCHS_CSV = "epochs.csv"
+CONFIG_YAML = "config.yaml"  # the run's full experiment, loadable by python -m trainables.train
 LATENTS_JSONL = "latents.jsonl"
 LATEST_PANEL = "recon_latest.png"
 PANEL_ROWS = ("input", "x_hat(mu)", "x_hat(z)", "x_hat(0)")
@@ -56,6 +57,12 @@ def progress_line(metrics: Mapping[str, float | int | str], epochs: int, z_dim: 
 
 
 # --------------------------------------------------------------------------- per-epoch logs
+
+
+def write_run_config(run_dir: Path, yaml_text: str) -> None:
+    """The run's ``config.yaml``: the experiment it trains, complete, so that it can be trained again."""
+    header = f"# The experiment of this run; train it again with: python -m trainables.train {run_dir / CONFIG_YAML}\n"
+    atomic_write(run_dir / CONFIG_YAML, (header + yaml_text).encode())
 
 
 def append_csv_row(path: Path, row: Mapping[str, float | int | str]) -> None:

@@ -24,14 +24,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from vae.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from vae.config import ExperimentConfig
+from vae.config import ExperimentConfig, dump_experiment
 from vae.diagnostics import ValidationAccumulator
 from vae.dist import all_gather_objects, all_reduce_mean, all_reduce_sum, rank, world_size
 from vae.loss import compute_loss
 from vae.models import VAE, build_model
 from vae.report import (
     EPOCHS_CSV, LATENTS_JSONL, append_csv_row, append_json_line, drop_epochs_after, finite, finite_metrics,
-    progress_line, reconstruction_panel, save_panel,
+    progress_line, reconstruction_panel, save_panel, write_run_config,
 )
 
 # Reported per epoch after the diagnostics named first, in this order.
@@ -372,9 +372,10 @@ def fit(
     """Train ``cfg`` for epochs ``[start, cfg.train.epochs)``, resuming from the latest checkpoint.
 
     The checkpoint comes from ``hooks.latest_checkpoint()``, else from ``run_dir/checkpoint``
-    (a local re-run continues). Every epoch reports one metrics dict through ``hooks.report``
+    (a local re-run continues). Before the first epoch the chief writes ``run_dir/config.yaml``,
+    the full experiment. Every epoch reports one metrics dict through ``hooks.report``
     (finite values only) and, on the chief, appends it to ``run_dir/epochs.csv``, the per-dim
-    lists to ``latents.jsonl``, and writes a reconstruction panel every
+    lists to ``latents.jsonl``, and writes a reconstruction panel after the first epoch and every
     ``train.image_every`` epochs and a checkpoint every ``train.checkpoint_every`` epochs,
     both also at the last epoch. A non-finite loss or gradient ends the run after a
     report with status "diverged"; the last good checkpoint stays.
@@ -409,6 +410,7 @@ def fit(
         start, last = _resume(resume_from, model, optimizer, scaler)
     if chief:
         run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_config(run_dir, dump_experiment(cfg))
         drop_epochs_after(run_dir, start)
 
     steps = len(train_loader)
@@ -418,7 +420,8 @@ def fit(
             if hasattr(source, "set_epoch"):
                 source.set_epoch(epoch)
         is_last = epoch + 1 == epochs
-        draw = chief and ((epoch + 1) % cfg.train.image_every == 0 or is_last)
+        # The first epoch too: a trial a sweep stops early still leaves a picture.
+        draw = chief and (epoch == 0 or (epoch + 1) % cfg.train.image_every == 0 or is_last)
 
         began = time.perf_counter()
         train = train_epoch(model, train_loader, optimizer, cfg, epoch, len(train_set), precision, scaler)

@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--n", type=int, required=True, help="number of subjects")
     sub.add_argument("--size", type=int, required=True, help="volume edge in voxels")
     sub.add_argument("--naming", choices=("brats2021", "brats2023"), default="brats2021")
-    sub.add_argument("--anatomy", choices=("auto", "mni", "procedural"), default="auto")
+    sub.add_argument("--anatomy", choices=("mni", "procedural"), default="mni",
+                     help="MNI152 tissue maps (of the pinned nilearn) or analytic ellipsoids")
     sub.add_argument("--vary", choices=("all", "tumour"), default="all")
     sub.add_argument("--seed", type=int, default=0)
     sub.add_argument("--pin", nargs="+", default=[], metavar="FACTOR=VALUE",

@@ -1,7 +1,7 @@
 """Synthetic 4-modality brain MRI with a tumour and known generative factors.
 
 Each subject is a normal anatomy (the MNI ICBM152 2009 tissue maps shipped in the
-nilearn wheel, or analytic ellipsoids when those files are absent) warped by a random
+nilearn wheel, a pinned dependency, or analytic ellipsoids on request) warped by a random
 pose and a smooth elastic field, with a tumour (necrotic core, enhancing rim, oedema
 that follows white matter) inserted with mass effect. t1, t1ce, t2 and flair are
 synthesised from relative tissue intensities, then a bias field and Rician noise are
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import importlib.util
 import json
 import math
@@ -32,6 +33,8 @@ import numpy as np
 from scipy.ndimage import map_coordinates
 from tqdm import tqdm
 
+from .discovery import DataError
+
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 # File suffix of each modality per naming scheme (BraTS 2023: t1n, t1c, t2w, t2f).
 MODALITY_FILE_NAMES = {
@@ -40,7 +43,7 @@ MODALITY_FILE_NAMES = {
 }
 NAMINGS = tuple(MODALITY_FILE_NAMES)
 ET_LABEL = {"brats2021": 4, "brats2023": 3}  # enhancing tumour; NCR is 1 and ED is 2 in both
-ANATOMIES = ("auto", "mni", "procedural")
+ANATOMIES = ("mni", "procedural")
 VARY = ("all", "tumour")
 FOV_MM = 200.0  # default field of view of the output grid
 
@@ -181,9 +184,9 @@ def _tumour_sites(points: np.ndarray, wm: np.ndarray) -> np.ndarray:
 
 
 def mni_template_paths() -> dict[str, Path] | None:
-    """The ICBM152 2009 t1 / gm / wm maps inside an installed nilearn, or None.
+    """The ICBM152 2009 t1 / gm / wm maps inside the installed nilearn, or None.
 
-    Found by path so that nilearn (and its dependencies) need not be importable.
+    Found by path so that nilearn (slow to import) is never imported.
     """
     spec = importlib.util.find_spec("nilearn")
     if spec is None or spec.origin is None:
@@ -191,6 +194,32 @@ def mni_template_paths() -> dict[str, Path] | None:
     folder = Path(spec.origin).parent / "datasets" / "data"
     paths = {k: folder / f"mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz" for k in ("t1", "gm", "wm")}
     return paths if all(p.is_file() for p in paths.values()) else None
+
+
+MISSING_MNI = (
+    "data.phantom.anatomy 'mni' needs the MNI152 tissue maps of the nilearn package, which is not installed: "
+    "run ./setup.sh (or `pip install -e .`, which installs the pinned nilearn), or use the procedural anatomy "
+    "(data.phantom.anatomy=procedural, or --anatomy procedural)"
+)
+
+
+def require_mni_maps() -> dict[str, Path]:
+    """:func:`mni_template_paths`, or a one-line :class:`DataError` that says how to install them."""
+    paths = mni_template_paths()
+    if paths is None:
+        raise DataError(MISSING_MNI)
+    return paths
+
+
+def anatomy_key(anatomy: str) -> str:
+    """What identifies ``anatomy``'s tissue maps in a cache name: a phantom rendered from other maps
+    (another nilearn release) is another data set."""
+    if anatomy == "procedural":
+        return "procedural"
+    digest = hashlib.sha256()
+    for path in require_mni_maps().values():
+        digest.update(path.read_bytes())
+    return f"mni-{digest.hexdigest()[:8]}"
 
 
 def _block_mean(volume: np.ndarray, factor: int) -> np.ndarray:
@@ -203,12 +232,7 @@ def _block_mean(volume: np.ndarray, factor: int) -> np.ndarray:
 @functools.lru_cache(maxsize=1)
 def mni_anatomy() -> Anatomy:
     """ICBM152 2009 tissue fractions as a 1 / 2 / 4 mm block-averaged pyramid (loaded once)."""
-    paths = mni_template_paths()
-    if paths is None:
-        raise FileNotFoundError(
-            "anatomy 'mni' needs the ICBM152 maps of nilearn: run `pip install --no-deps nilearn`, "
-            "or use anatomy='procedural'"
-        )
+    paths = require_mni_maps()
     images = {k: nib.load(p) for k, p in paths.items()}
     affine = images["t1"].affine
     if not np.allclose(affine[:3, :3], np.eye(3)):
@@ -286,13 +310,11 @@ def procedural_anatomy() -> Anatomy:
     return Anatomy("procedural_ellipsoids", (0.0, 0.0, 0.0), _tumour_sites(site_grid, wm), procedural_fractions)
 
 
-def get_anatomy(anatomy: str = "auto") -> Anatomy:
-    """'mni', 'procedural', or 'auto' (mni when nilearn's maps are installed, else procedural)."""
+def get_anatomy(anatomy: str = "mni") -> Anatomy:
+    """'mni' (the ICBM152 maps) or 'procedural' (analytic ellipsoids)."""
     if anatomy not in ANATOMIES:
         raise ValueError(f"anatomy '{anatomy}' is not one of {', '.join(ANATOMIES)}")
-    if anatomy == "mni" or (anatomy == "auto" and mni_template_paths() is not None):
-        return mni_anatomy()
-    return procedural_anatomy()
+    return mni_anatomy() if anatomy == "mni" else procedural_anatomy()
 
 
 # ---------------------------------------------------------------------------
@@ -338,7 +360,7 @@ def _as_factor(name: str, value: Any) -> Any:
 
 
 def sample_factors(
-    rng: np.random.Generator, vary: str = "all", pin: Mapping[str, Any] | None = None, anatomy: str = "auto"
+    rng: np.random.Generator, vary: str = "all", pin: Mapping[str, Any] | None = None, anatomy: str = "mni"
 ) -> dict[str, Any]:
     """Draw the sampled factors of one subject (ranges in FACTOR_RANGES).
 
@@ -393,7 +415,7 @@ def sample_factors(
 
 
 def subject_factors(
-    seed: int, index: int, vary: str = "all", pin: Mapping[str, Any] | None = None, anatomy: str = "auto"
+    seed: int, index: int, vary: str = "all", pin: Mapping[str, Any] | None = None, anatomy: str = "mni"
 ) -> dict[str, Any]:
     """The sampled factors of subject ``index`` of the set drawn with ``seed`` (reproducible)."""
     for name, value in (("seed", seed), ("index", index)):
@@ -608,7 +630,7 @@ def render_subject(
     factors: Mapping[str, Any],
     shape: int | Sequence[int],
     spacing: float | Sequence[float] | None = None,
-    anatomy: str = "auto",
+    anatomy: str = "mni",
     et_label: int = 4,
 ) -> PhantomSubject:
     """Render one subject from its sampled factors onto a grid of ``shape`` (``spacing`` mm).
@@ -788,7 +810,7 @@ def write_phantom_dataset(
     n: int,
     size: int | Sequence[int],
     naming: str = "brats2021",
-    anatomy: str = "auto",
+    anatomy: str = "mni",
     vary: str = "all",
     seed: int = 0,
     pin: Mapping[str, Any] | None = None,

@@ -39,11 +39,14 @@ def _locked(directory: Path) -> Iterator[None]:
 
 
 def phantom_source(data: DataConfig) -> Path:
-    """The phantom's NIfTI tree for ``data.phantom``, rendered once at ``data.size``."""
-    from .phantom import write_phantom_dataset  # scipy and the MNI maps only when needed
+    """The phantom's NIfTI tree for ``data.phantom``, rendered once at ``data.size``.
+
+    Its folder is named after everything that decides the volumes, the tissue maps included.
+    """
+    from .phantom import anatomy_key, write_phantom_dataset  # scipy and the MNI maps only when needed
 
     p = data.phantom
-    out = cache_root(data) / f"phantom-{p.vary}-{p.anatomy}-n{p.subjects}-s{p.seed}-{data.size}"
+    out = cache_root(data) / f"phantom-{p.vary}-{anatomy_key(p.anatomy)}-n{p.subjects}-s{p.seed}-{data.size}"
     with _locked(cache_root(data)):
         write_phantom_dataset(out, p.subjects, data.size, anatomy=p.anatomy, vary=p.vary, seed=p.seed, progress=False)
     return out
@@ -72,9 +75,16 @@ def check_data(data: DataConfig) -> None:
     """Raise the :class:`~vae.data.DataError` :func:`prepared_cache` would raise, writing nothing.
 
     For a caller that must reject bad data before it starts anything (a sweep checks before
-    Ray starts, then prepares). The phantom is generated, so only a NIfTI ``data.root`` is read.
+    Ray starts, then prepares). The phantom is generated: only the tissue maps it needs are
+    looked for; a NIfTI ``data.root`` is read.
     """
-    if data.root is None or is_cache(data.root):
+    if data.root is None:
+        if data.phantom.anatomy == "mni":
+            from .phantom import require_mni_maps
+
+            require_mni_maps()
+        return
+    if is_cache(data.root):
         return
     out, params = _preparation(data, Path(data.root))
     check_pending(data.root, out, params)
