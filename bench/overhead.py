@@ -1,6 +1,6 @@
-"""Cost of diagnostics and reporting: a bare training loop vs ``vae.train.fit`` on the same data.
+"""Cost of diagnostics and reporting: a bare training loop vs ``vae.training.fit`` on the same data.
 
-    python bench/overhead.py [--sizes 16 32] [--epochs 11]
+    python -m bench.overhead [--sizes 16 32] [--epochs 11]
 
 The bare loop is forward, loss, backward, clip and step over the training split, then (as
 any training loop that tracks a validation loss) one plain forward pass over the validation
@@ -32,15 +32,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results import machine, replace_section  # noqa: E402
-
-from vae.config import ExperimentConfig  # noqa: E402
-from vae.data.sources import prepared_cache, training_datasets  # noqa: E402
-from vae.diagnostics import active_units  # noqa: E402
-from vae.loss import compute_loss  # noqa: E402
-from vae.models import VAE, build_model  # noqa: E402
-from vae.train import Hooks, fit, validate  # noqa: E402
+from bench.results import machine, replace_section
+from vae.config import ExperimentConfig
+from vae.data.sources import prepared_cache, training_datasets
+from vae.evaluation.diagnostics import active_units
+from vae.loss import compute_loss
+from vae.models import VAE, build_model
+from vae.training import Hooks, fit, validate
 
 HERE = Path(__file__).parent
 
@@ -178,7 +176,7 @@ def markdown(result: dict) -> str:
         "",
         "Where AU is computed, CPU seconds of one validation pass (median of the repeats): the plain loss pass, "
         "the same pass keeping its posterior means for AU, the loss pass and then a pass of its own that encodes the "
-        "validation set again for AU, and `vae.train.validate` (the one pass `fit` runs: the `ValidationAccumulator` "
+        "validation set again for AU, and `vae.training.validate` (the one pass `fit` runs: the `ValidationAccumulator` "
         "with AU, KL per dim, MI, x_hat(mu) and x_hat(0) decodes, SSIM/PSNR).",
         "",
         "| size | loss pass | + AU in the pass | + AU in a second pass | `validate` (every diagnostic) "
@@ -210,7 +208,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rows = [measure(size, args.epochs, args.repeats, Path(tmp)) for size in args.sizes]
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
-              "command": "python bench/overhead.py " + " ".join(sys.argv[1:]), "rows": rows}
+              "command": "python -m bench.overhead " + " ".join(sys.argv[1:]), "rows": rows}
     (HERE / "overhead.json").write_text(json.dumps(result, indent=1) + "\n")
     replace_section(HERE / "RESULTS.md", "bench/overhead.py", markdown(result))
     print(markdown(result))

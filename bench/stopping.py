@@ -1,7 +1,7 @@
 """Early-termination policies replayed on the whole curves of a sweep run without early termination.
 
-    python bench/stopping.py [--seed 7] [--num-samples 10] [--max-epochs 12] [--results DIR]
-    python bench/stopping.py --replay-only RUN_DIR [--live LIVE_DIR] [--write]
+    python -m bench.stopping [--seed 7] [--num-samples 10] [--max-epochs 12] [--results DIR]
+    python -m bench.stopping --replay-only RUN_DIR [--live LIVE_DIR] [--write]
 
 The full run (1) records a seeded sweep (``dip_sbd --smoke``: 16^3 phantom, tiny model) with
 ``--early-stop none``, so every trial's whole curve lands in its ``epochs.csv``; (2) replays
@@ -16,7 +16,7 @@ Both runs try the same configurations: TPE samples independently at random from 
 included) no suggestion depends on an outcome. The comparison checks it rather than assume it.
 
 A trial *ends collapsed* when the sweep's own collapse rule, applied to its whole curve, calls it
-collapsed (:func:`sweeps.stopping.trial_outcome`: the status a sweep with that rule would give it
+collapsed (:func:`sweeps.collapse_rule.trial_outcome`: the status a sweep with that rule would give it
 had it run every epoch); it is *healthy* when it ends completed and not collapsed. A *false kill*
 stops a healthy trial. The *best* trial is the project's (``sweeps.selection.best_index``): among
 the healthy trials a policy lets finish, the one best on the first objective, ties broken by the
@@ -41,19 +41,18 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-from results import RESULTS, machine, replace_section  # noqa: E402
-
-from sweeps.outputs import EPOCHS_CSV, RECORD_JSON, STUDY_DB, SUMMARY_JSON, latest_trials, trial_status  # noqa: E402
-from sweeps.selection import best_index, pareto_front  # noqa: E402
-from sweeps.space import RUN_NAME, Scalar  # noqa: E402
-from sweeps.spec import Sweep  # noqa: E402
-from sweeps.stopping import (  # noqa: E402
+from bench.results import RESULTS, machine, replace_section
+from sweeps.collapse_rule import (
     HISTORY_KEYS, CollapseRule, ScheduleTargets, collapse_history, collapse_streak, numeric_rows, trial_outcome,
 )
-from vae.config import ConfigError  # noqa: E402
+from sweeps.outputs import EPOCHS_CSV, RECORD_JSON, STUDY_DB, SUMMARY_JSON, latest_trials, trial_status
+from sweeps.selection import best_index, pareto_front
+from sweeps.space import RUN_NAME, Scalar
+from sweeps.spec import Sweep
+from vae.config import ConfigError
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 JSON_PATH = HERE / "stopping.json"
@@ -617,7 +616,7 @@ def live_lines(result: Mapping[str, Any]) -> list[str]:
 
 def approximation_lines() -> list[str]:
     return [
-        "**What the replay approximates**: the collapse rule is exact (the same `sweeps.stopping` functions over "
+        "**What the replay approximates**: the collapse rule is exact (the same `sweeps.collapse_rule` functions over "
         "the same `epochs.csv` rows; each trial is judged alone). ASHA (one bracket, Ray's milestones, cutoff = "
         "numpy's linear-interpolated `1 - 1/rf` quantile of the rewards recorded at the milestone, stop when "
         "strictly below, the `max_t` result recorded on completion) and median stopping (Optuna's MedianPruner: "
@@ -653,7 +652,8 @@ def evaluate(record_dir: Path, live_dir: Path | None) -> dict[str, Any]:
     rule = sweep.spec.early_stop.collapse
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
-        "command": display([sys.executable, *sys.argv]), "sweep": sweep.name, "setting": setting(sweep),
+        "command": shlex.join(["python", "-m", "bench.stopping", *sys.argv[1:]]), "sweep": sweep.name,
+        "setting": setting(sweep),
         "objectives": sweep.objectives, "rule": rule.model_dump(),
         "likelihood_searched": LIKELIHOOD in sweep.space.names,
         "recording": {**recording, "epochs": sweep.epochs,
@@ -670,7 +670,7 @@ def evaluate(record_dir: Path, live_dir: Path | None) -> dict[str, Any]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python bench/stopping.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.stopping", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sweep", default="dip_sbd", help="the sweep, run with --smoke (default: dip_sbd)")
     parser.add_argument("--seed", type=int, default=7, help="seed of the TPE sampler, the same for both runs")
     parser.add_argument("--num-samples", type=int, default=10,

@@ -5,7 +5,7 @@
     trials.csv    one row per trial: parameters, status, epochs run, final and best metrics
     epochs.csv    every trial-epoch: the rows of each trial's own epochs.csv, with its trial_id
     summary.json  counts by status and Optuna state, the best trial, the Pareto front, wall time
-    best.yaml     the best trial's experiment, ready for ``python -m trainables.train``
+    best.yaml     the best trial's experiment, ready for ``python -m trainables.single_run``
     report/       pictures and index.html (sweeps.report)
     trials/       one run directory per trial (epochs.csv, checkpoint, reconstruction panels)
     tune/         the Tune experiments, one per start of the sweep
@@ -25,10 +25,8 @@ from typing import Any, Mapping, Sequence
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from trainables.cli import read_epochs
 from vae.config import dump_experiment
-from vae.data.cache import atomic_write
-from vae.report import NONFINITE_SENTINEL
+from vae.run_files import NONFINITE_SENTINEL, atomic_write, read_epochs
 
 from .selection import best_index
 from .space import RUN_NAME
@@ -109,7 +107,7 @@ def best_yaml(sweep: Sweep, trial: FrozenTrial, out_dir: Path) -> str:
     header = (
         f"# Best trial of sweep {sweep.name} ({out_dir.name}): Optuna trial {trial.number}, "
         f"{trial.user_attrs[RUN_NAME]}: {values}\n"
-        f"# Train it with: python -m trainables.train {out_dir / BEST_YAML}\n"
+        f"# Train it with: python -m trainables.single_run {out_dir / BEST_YAML}\n"
     )
     return header + dump_experiment(cfg)
 

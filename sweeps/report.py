@@ -32,8 +32,8 @@ import optuna
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from vae.data.cache import atomic_write
-from vae.report import LATEST_PANEL, NONFINITE_SENTINEL
+from vae.panels import LATEST_PANEL
+from vae.run_files import NONFINITE_SENTINEL, atomic_write
 
 from .outputs import EPOCHS_CSV, TRIALS_CSV
 from .selection import best_index, check_modes, pareto_front

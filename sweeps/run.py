@@ -30,8 +30,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
 
-from trainables.cli import BAD_INPUT_ERRORS  # noqa: E402
-from vae.config import ConfigError, parse_override  # noqa: E402
+from trainables.session import BAD_INPUT_ERRORS  # noqa: E402
+from vae.config import parse_override  # noqa: E402
 
 from sweeps.monitoring import TRACKERS, check_trackers  # noqa: E402
 from sweeps.spec import EARLY_STOP_MODES, load_sweep  # noqa: E402

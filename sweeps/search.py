@@ -7,7 +7,7 @@ as COMPLETE with its last value and leaves a trial whose value is NaN RUNNING fo
 status        state      why
 ============  =========  =============================================================
 completed     COMPLETE   ran its epochs; its last values are the objectives
-collapsed     PRUNED     the collapse rule stopped it (``sweeps.stopping``)
+collapsed     PRUNED     the collapse rule stopped it (``sweeps.collapse_rule``)
 asha_stopped  PRUNED     ASHA stopped it
 diverged      FAIL       a loss term became NaN or infinite
 failed        FAIL       it raised, or an objective was missing or not finite
@@ -43,13 +43,13 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import Stopper
 
-from trainables.cli import read_epochs
 from trainables.trial import train_trial
 from vae.config import ConfigError
+from vae.run_files import read_epochs
 
 from .space import RUN_NAME
 from .spec import Sweep
-from .stopping import HISTORY_KEYS, Outcome, ScheduleTargets, collapse_history, numeric_rows, trial_outcome
+from .collapse_rule import HISTORY_KEYS, Outcome, ScheduleTargets, collapse_history, numeric_rows, trial_outcome
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def params_of(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def trial_collapse(sweep: Sweep, run_root: Path, config: Mapping[str, Any]) -> tuple[int, bool]:
     """``(streak, ends_collapsed)`` of the trial of ``config``, from its ``epochs.csv`` (see
-    :func:`sweeps.stopping.collapse_history`)."""
+    :func:`sweeps.collapse_rule.collapse_history`)."""
     rule = sweep.spec.early_stop.collapse_rule
     if rule is None:
         return 0, False

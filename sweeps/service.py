@@ -28,9 +28,9 @@ from typing import Any, Iterator, Mapping, Sequence
 import optuna
 
 from vae.config import ConfigError
-from vae.data.cache import atomic_write, check_writable
 from vae.data.sources import check_data
-from vae.train import derive_seed
+from vae.run_files import atomic_write, check_writable
+from vae.training import derive_seed
 
 from .outputs import (
     RECORD_JSON, STUDY_DB, TABLE_HEADER, TRIALS_DIR, format_params, param_labels, table_line, trial_table,
@@ -364,7 +364,7 @@ def ray_session(sweep: Sweep, address: str | None, dashboard: bool, worker_logs:
     """Ray started (or joined) for the sweep; yields how many of its trials run side by side."""
     import ray
 
-    from trainables.cli import start_ray
+    from trainables.session import start_ray
 
     start_ray(address, sweep.spec.resources.trial_resources(), dashboard=dashboard, worker_logs=worker_logs)
     try:
@@ -451,7 +451,7 @@ def _tune(
 
 def _printer(sweep: Sweep, searcher):
     """The live table: a line per trial-epoch, and one with the outcome when a trial ends."""
-    from trainables.cli import line_printer
+    from trainables.session import line_printer
 
     from .search import params_of
     from .space import RUN_NAME

@@ -40,7 +40,7 @@ from vae.config import (
 from vae.objectives import effective_sigma2
 
 from .space import Scalar, Space, parse_space
-from .stopping import CollapseRule
+from .collapse_rule import CollapseRule
 
 SWEEP_DIR = Path(__file__).parent
 EARLY_STOP_MODES = ("collapse", "asha", "collapse+asha", "none")
@@ -273,12 +273,12 @@ def first_line(err: Exception | str) -> str:
 
 
 def reported_metrics(modalities: Sequence[str]) -> tuple[str, ...]:
-    """The numeric metrics every trial reports each epoch, derived from ``vae.train.epoch_metrics`` itself.
+    """The numeric metrics every trial reports each epoch, derived from ``vae.training.epoch_metrics`` itself.
 
     It is called with stand-ins that read as 0 for any key (and as a list of zeros where a
     per-modality list is expected), so the names cannot drift from what training reports.
     """
-    from vae.train import TrainPass, epoch_metrics
+    from vae.training import TrainPass, epoch_metrics
 
     class Zero(float):
         def __iter__(self):

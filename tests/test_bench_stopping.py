@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 from dataclasses import replace
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -24,15 +23,12 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from helpers import ray_folder
-from sweeps.stopping import CollapseRule, ScheduleTargets
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from bench.stopping import (  # noqa: E402
+from bench.stopping import (
     Curve, account, asha_rungs, asha_stops, best_of, collapse_floor, collapse_stop, collapse_stops, ending_status,
     front_of, judge, main, median_stops, read_csv,
 )
+from helpers import REPO, ray_folder
+from sweeps.collapse_rule import CollapseRule, ScheduleTargets
 
 DIP = ScheduleTargets(beta=1.0, capacity_max=None, dip=True)
 OBJECTIVES = [("au", "max"), ("recon_mu", "min")]
@@ -300,7 +296,7 @@ def recording(scratch):
 
 
 def bench(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "bench" / "stopping.py"), *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "bench.stopping", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
 
 

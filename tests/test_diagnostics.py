@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 from scipy.special import logsumexp
 from scipy.stats import norm
 
-from vae import diagnostics
-from vae.diagnostics import (
+from vae.evaluation import diagnostics
+from vae.evaluation.diagnostics import (
     ValidationAccumulator,
     active_units,
     active_units_from_variance,

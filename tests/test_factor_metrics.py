@@ -4,7 +4,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from vae.data import factor_metrics as FM
+from vae.evaluation import factor_metrics as FM
 
 
 def uniform_factors(n: int, k: int, seed: int = 0) -> np.ndarray:

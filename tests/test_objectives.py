@@ -514,7 +514,7 @@ def test_audited_exp2_at_full_collapse_reports_the_free_bits_floor():
     """mu = 0 and logvar = 0 for all 128 dims: KL_raw is 0 and the objective sees the floor,
     128 x 0.05 = 6.4 nats (the audit's kl_constrained of 6.40-6.43); DIP-II adds nothing."""
     from vae.config import load_experiment
-    from vae.diagnostics import ValidationAccumulator
+    from vae.evaluation.diagnostics import ValidationAccumulator
     from vae.loss import compute_loss
 
     cfg = load_experiment("exp2_dipvae_sbd", ["data.size=16", "data.modalities=[t1c]"])

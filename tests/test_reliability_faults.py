@@ -40,11 +40,10 @@ from helpers import (
     BETA, CHANNELS, SOUND, brain, finish, kill_session, load_study, read_csv, session_members, start_sweep,
     sweep_command, wait_for, write_subject, write_sweep,
 )
-from trainables.cli import read_epochs
 from vae.checkpoint import CHECKPOINT_DIR, CHECKPOINT_FILE
 from vae.data import CachedVolumes, PreprocessParams
 from vae.data.cache import MANIFEST
-from vae.report import EPOCHS_CSV
+from vae.run_files import EPOCHS_CSV, read_epochs
 
 REPO = Path(__file__).resolve().parents[1]
 # Ray's process titles: a one-worker trial trains in its Tune actor ("ray::ImplicitFunc", with ".train"

@@ -1,6 +1,6 @@
 """Bad input through the command lines, as a user meets it, with real files.
 
-Every case runs ``python sweeps/run.py``, ``python -m trainables.train`` or
+Every case runs ``python sweeps/run.py``, ``python -m trainables.single_run`` or
 ``python -m vae.data check|prepare`` on one broken input: bad NIfTI data,
 a broken experiment or sweep YAML (a ``!!python`` tag among them), a wrong value, a storage
 URL that cannot be opened, a results folder that cannot be written. Each must end with exit
@@ -37,7 +37,7 @@ from helpers import BAD_INPUTS, MINIMAL, make_bad, modality_path, ray_folder, tr
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = [sys.executable, str(REPO / "sweeps" / "run.py")]
-TRAIN = [sys.executable, "-m", "trainables.train"]
+TRAIN = [sys.executable, "-m", "trainables.single_run"]
 DATA = [sys.executable, "-m", "vae.data"]
 EXPERIMENT = ["exp1_baseline_vae", "data.size=16", "model.depth=2"]  # a valid small experiment and its overrides
 # The data classes of test_data_pipeline (but duplicate ids, where two folders are to blame) and two more.
@@ -242,10 +242,10 @@ def run_case(name: str, base: Path) -> Outcome:
 def in_process_main(command: list[str]):
     """The ``main(argv)`` a command line runs, and its arguments."""
     import sweeps.run
-    import trainables.train
+    import trainables.single_run
     import vae.data.__main__
 
-    for prefix, module in ((SWEEP, sweeps.run), (TRAIN, trainables.train), (DATA, vae.data.__main__)):
+    for prefix, module in ((SWEEP, sweeps.run), (TRAIN, trainables.single_run), (DATA, vae.data.__main__)):
         if command[: len(prefix)] == prefix:
             return module.main, command[len(prefix):]
     raise AssertionError(command)

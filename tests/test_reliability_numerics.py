@@ -20,7 +20,7 @@ from vae import objectives as obj
 from vae.config import ExperimentConfig, load_experiment
 from vae.loss import compute_loss
 from vae.models import build_model
-from vae.train import Precision, train_epoch
+from vae.training import Precision, train_epoch
 
 TINY = [
     "data.size=16", "data.modalities=[t1c, t2f]", "model.z_dim=4", "model.base_filters=4", "model.depth=2",

@@ -25,7 +25,7 @@ import torch
 
 from vae.checkpoint import CHECKPOINT_DIR, CHECKPOINT_FILE, load_checkpoint
 from vae.config import load_experiment
-from vae.train import fit
+from vae.training import fit
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("vae", "trainables", "sweeps", "bench")

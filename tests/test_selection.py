@@ -15,7 +15,7 @@ from bench.stopping import Curve, best_of
 from sweeps import report
 from sweeps.outputs import best_trial
 from sweeps.selection import best_index, pareto_front
-from sweeps.stopping import ScheduleTargets
+from sweeps.collapse_rule import ScheduleTargets
 
 OBJECTIVES = [("au", "max"), ("recon_mu", "min")]
 MODES = [mode for _, mode in OBJECTIVES]

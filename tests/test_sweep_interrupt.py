@@ -20,7 +20,7 @@ import pytest
 from helpers import (
     SOUND, finish, load_study, read_csv, start_sweep, sweep_command, wait_for, write_sweep,
 )
-from trainables.cli import read_epochs
+from vae.run_files import read_epochs
 
 pytestmark = pytest.mark.system
 SAMPLES, EPOCHS = 3, 6

@@ -34,7 +34,7 @@ from sweeps.report import (
     progress_figure,
     write_report,
 )
-from vae.report import NONFINITE_SENTINEL
+from vae.run_files import NONFINITE_SENTINEL
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

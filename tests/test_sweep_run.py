@@ -27,9 +27,9 @@ from sqlalchemy.exc import OperationalError
 
 from conftest import SESSION_EPOCHS, SESSION_RULE
 from helpers import SMALL, kill_session, load_study, ray_env, read_csv, sweep_command
-from sweeps.stopping import HISTORY_KEYS, CollapseRule, ScheduleTargets, collapse_streak, numeric_rows
+from sweeps.collapse_rule import HISTORY_KEYS, CollapseRule, ScheduleTargets, collapse_streak, numeric_rows
 from vae.config import load_experiment
-from vae.report import CONFIG_YAML
+from vae.run_files import CONFIG_YAML
 
 STATES = {"completed": "COMPLETE", "collapsed": "PRUNED", "diverged": "FAIL"}
 PICTURES = ("curves.png", "pareto.png", "params.png", "recon_best.png", "recon_audited.png")
@@ -108,7 +108,7 @@ def test_outputs_of_a_sweep(session_sweep):
     assert summary["interrupted"] is False and summary["seed"] == 0
     best = summary["best"]
     assert best["trial_id"] == next(row["trial_id"] for row in rows if row["enqueued"] == "sound")
-    cfg = load_experiment(out_dir / "best.yaml")  # ready for python -m trainables.train
+    cfg = load_experiment(out_dir / "best.yaml")  # ready for python -m trainables.single_run
     assert cfg.objective.likelihood == "gaussian" and cfg.objective.kl.beta == best["params"]["objective.kl.beta"]
     assert cfg.train.epochs == SESSION_EPOCHS and cfg.data.size == 16
     record = json.loads((out_dir / "sweep.json").read_text())

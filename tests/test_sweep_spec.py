@@ -21,7 +21,7 @@ from sweeps.outputs import best_trial, param_labels
 from sweeps.run import main
 from sweeps.spec import Sweep, collapse_warnings, load_sweep, reported_metrics, stopping_notes, sweep_names
 from sweeps.space import parse_space
-from sweeps.stopping import (
+from sweeps.collapse_rule import (
     CollapseRule, ScheduleTargets, at_full_strength, collapse_history, collapse_streak, trial_outcome,
 )
 from vae.config import ConfigError, load_experiment
@@ -170,7 +170,7 @@ def test_resume_takes_the_recorded_options_again_and_refuses_other_values(tmp_pa
     """Repeating a sweep's command line with --resume is fine; only a value that differs from the record is refused."""
     from sweeps.run import parse_args, prepare
     from sweeps.service import _record_start
-    from vae.train import derive_seed
+    from vae.training import derive_seed
 
     path, results = write_sweep(tmp_path, MINIMAL), tmp_path / "results"
     options = [str(path), "--results", str(results), "--run", "r1", "--max-epochs", "3", "--early-stop", "none",

@@ -188,7 +188,7 @@ def test_overflowing_loss_ends_trial_as_diverged(sweep, workers):
 def test_reconstruction_panel_has_four_rows(one_worker, scratch, tmp_path):
     from matplotlib.image import imread
 
-    from vae.report import reconstruction_panel, save_panel
+    from vae.panels import reconstruction_panel, save_panel
 
     results, run_root = one_worker, scratch / "runs"
     image = imread(run_dir_of(results[(1, SOUND)], run_root) / "recon_latest.png")
@@ -204,7 +204,7 @@ def test_reconstruction_panel_has_four_rows(one_worker, scratch, tmp_path):
 
 def cli(args: list[str], env: dict[str, str], **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "trainables.train", *args], cwd=REPO, env={**os.environ, **env},
+        [sys.executable, "-m", "trainables.single_run", *args], cwd=REPO, env={**os.environ, **env},
         text=True, start_new_session=True, **kwargs,
     )
 
@@ -275,7 +275,7 @@ def test_cli_bad_config_exits_2_with_one_line(scratch):
 
 
 def test_cli_flags_win_over_overrides(scratch):
-    from trainables.train import experiment_from_args, parse_args, resources_from_args
+    from trainables.single_run import experiment_from_args, parse_args, resources_from_args
 
     experiment = write_experiment(scratch / "flags.yaml", small_experiment(scratch / "cache"))
     args = parse_args([str(experiment), "train.epochs=9", "model.z_dim=6", "--epochs", "5", "--size", "32",

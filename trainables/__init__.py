@@ -1,4 +1,4 @@
-"""Ray side of collapse-sweep: the per-trial trainable wrapping ``vae.train``.
+"""Ray side of collapse-sweep: the per-trial trainable wrapping ``vae.training``.
 
 With ``vae/`` free of Ray imports, this package (and ``sweeps/``) are the only places
 that import Ray.
@@ -15,7 +15,7 @@ hands Tune the trainable (after ``ray.init``)::
         run_config=tune.RunConfig(checkpoint_config=tune.CheckpointConfig(num_to_keep=2), ...),
     )
 
-``python -m trainables.train`` runs one experiment the same way.
+``python -m trainables.single_run`` runs one experiment the same way.
 """
 from .resources import DRIVER_CPU, ResourceError, TrialResources, max_concurrent_trials
 from .trial import TrialSpec, parse_trial_config, train_trial, train_worker, trial_config, trial_resources

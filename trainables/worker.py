@@ -1,5 +1,5 @@
 """What runs in one training process: the datasets, the device and the hooks that connect
-``vae.train.fit`` to a Tune session (one worker) or a Ray Train session (one DDP rank).
+``vae.training.fit`` to a Tune session (one worker) or a Ray Train session (one DDP rank).
 """
 from __future__ import annotations
 
@@ -10,18 +10,18 @@ import torch
 
 from vae.config import ExperimentConfig
 from vae.data.sources import training_datasets
-from vae.train import FitOutcome, Hooks, fit
+from vae.run_files import SPLIT_JSON
+from vae.training import FitOutcome, Hooks, fit
 
 from .resources import TrialResources
 
-SPLIT_FILE = "split.json"
 
 
 def run_experiment(cfg: ExperimentConfig, cache: Path, run_dir: Path, hooks: Hooks, device: torch.device) -> FitOutcome:
     """Train ``cfg`` on the prepared ``cache`` into ``run_dir`` (shared by all ranks of a trial)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     # The split is recorded in the run, so a resumed run (or another rank) trains on the same subjects.
-    train_set, val_set = training_datasets(cfg.data, cache, split_file=run_dir / SPLIT_FILE)
+    train_set, val_set = training_datasets(cfg.data, cache, split_file=run_dir / SPLIT_JSON)
     return fit(cfg, train_set, val_set, run_dir, hooks=hooks, device=device)
 
 

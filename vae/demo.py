@@ -17,7 +17,7 @@ import torch
 from vae.config import ExperimentConfig
 from vae.models import build_model
 from vae.objectives import effective_sigma2
-from vae.train import train_epoch, validate
+from vae.training import train_epoch, validate
 
 
 def moving_blob_volumes(n: int, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

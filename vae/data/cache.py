@@ -16,16 +16,14 @@ the files beside it. One writer per cache directory at a time.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
 import numpy as np
 
-from vae.config import ConfigError
+from vae.run_files import atomic_write, is_temporary
 
 from .checks import check_subject, map_subjects
 from .discovery import DataError, Problem, Subject, scan
@@ -33,7 +31,6 @@ from .preprocess import PreprocessParams, preprocess_subject
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-_TEMP_SUFFIX = ".tmp"
 
 
 @dataclass
@@ -114,7 +111,7 @@ def prepare(
         raise DataError("\n".join([str(p) for p in problems] + [f"{root}: every subject has a problem"]))
 
     out.mkdir(parents=True, exist_ok=True)
-    for stray in out.glob(f".*{_TEMP_SUFFIX}"):  # left by a killed run
+    for stray in filter(is_temporary, out.iterdir()):  # left by a killed run
         stray.unlink(missing_ok=True)
     if todo:
         (out / MANIFEST).unlink(missing_ok=True)  # it would describe files about to change
@@ -169,38 +166,6 @@ def source_record(subject: Subject) -> dict[str, dict[str, Any]]:
         stat = path.stat()
         record[modality] = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     return record
-
-
-def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], None]) -> None:
-    """Write ``data`` (bytes, or a function writing to a binary file) to ``path`` all at once."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temp, 0o644)  # mkstemp makes it private
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
-def check_writable(folder: Path, flag: str) -> None:
-    """:class:`~vae.config.ConfigError` naming ``flag`` unless ``folder`` exists or can be created, and written.
-
-    For commands that check their output folder before they start anything.
-    """
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not existing.is_dir():
-        raise ConfigError(f"{flag}: cannot create {folder}: {existing} is a file, not a folder; choose another folder")
-    try:
-        tempfile.TemporaryFile(dir=existing).close()  # the honest test: permissions, read-only mounts, quotas
-    except OSError as err:
-        raise ConfigError(f"{flag}: cannot write in {existing} ({err.strerror}); choose a writable folder") from None
 
 
 def _build_entry(subject: Subject, params: PreprocessParams, out: Path) -> dict | Problem:

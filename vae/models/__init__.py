@@ -5,7 +5,7 @@ from vae.config import ModelConfig
 from vae.models.broadcast_decoder import BroadcastDecoder3d
 from vae.models.conv_decoder import ConvDecoder3d
 from vae.models.encoder import Encoder3d
-from vae.models.vae import VAE, VAEOutput
+from vae.models.autoencoder import VAE, VAEOutput
 
 __all__ = ["VAE", "VAEOutput", "build_model", "Encoder3d", "ConvDecoder3d", "BroadcastDecoder3d"]
 

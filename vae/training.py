@@ -16,7 +16,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Collection, Iterable, Sequence
+from typing import Callable, Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -25,13 +25,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from vae.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from vae.config import ExperimentConfig, dump_experiment
-from vae.diagnostics import ValidationAccumulator
 from vae.dist import all_gather_objects, all_reduce_mean, all_reduce_sum, rank, world_size
+from vae.evaluation.diagnostics import ValidationAccumulator
 from vae.loss import compute_loss
 from vae.models import VAE, build_model
-from vae.report import (
+from vae.panels import reconstruction_panel, save_panel
+from vae.run_files import (
     EPOCHS_CSV, LATENTS_JSONL, append_csv_row, append_json_line, drop_epochs_after, finite, finite_metrics,
-    progress_line, reconstruction_panel, save_panel, write_run_config,
+    write_run_config,
 )
 
 # Reported per epoch after the diagnostics named first, in this order.
@@ -277,6 +278,17 @@ def epoch_metrics(
         "volumes_per_second": volumes_per_second,
         "diverged_term": train.diverged_term or "",
     }
+
+
+def progress_line(metrics: Mapping[str, float | int | str], epochs: int, z_dim: int) -> str:
+    """One human line per epoch, e.g. ``epoch 3/20  AU 5/128  KL 12.3  recon(mu) 0.0412 ...``."""
+    line = (
+        f"epoch {metrics['epoch']}/{epochs}  AU {metrics['au']:.0f}/{z_dim}  KL {metrics['kl_raw']:.3g}  "
+        f"recon(mu) {metrics['recon_mu']:.4g}  recon(0) {metrics['recon_zero']:.4g}  {metrics['epoch_seconds']:.1f} s"
+    )
+    if metrics["status"] == "diverged":
+        line += f"  DIVERGED ({metrics['diverged_term']})"
+    return line
 
 
 # --------------------------------------------------------------------------- the loop

@@ -9,9 +9,9 @@ directory, then times, per subject and output size N in 32, 64, 128:
   (then copied to float32, the conversion the training loop does on its device), warm (page cache)
   and cold (pages dropped); ``CachedVolumes[i]`` returns the float16 tensor.
 
-Results go to ``bench/data.json`` and to this script's section of ``bench/RESULTS.md``.
+Results go to ``bench/data_cache.json`` and to this script's section of ``bench/RESULTS.md``.
 
-    python bench/data.py [--subjects 3] [--repeats 3]
+    python -m bench.data_cache [--subjects 3] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -31,11 +31,9 @@ import nibabel as nib
 import numpy as np
 import scipy
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import cpu_model, replace_section  # noqa: E402
-from vae.data import CachedVolumes, PreprocessParams, discover, prepare, preprocess_subject  # noqa: E402
-from vae.data.preprocess import load_canonical  # noqa: E402
+from bench.results import cpu_model, replace_section
+from vae.data import CachedVolumes, PreprocessParams, discover, prepare, preprocess_subject
+from vae.data.preprocess import load_canonical
 
 HERE = Path(__file__).resolve().parent
 SIZES = (32, 64, 128)
@@ -130,7 +128,7 @@ def run(subjects: int, repeats: int, work: Path) -> dict:
         })
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, "bench/data.py", *sys.argv[1:]]),
+        "command": " ".join(["python -m bench.data_cache", *sys.argv[1:]]),
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "numpy": np.__version__, "scipy": scipy.__version__, "nibabel": nib.__version__},
         "subjects": subjects,
@@ -144,7 +142,7 @@ def run(subjects: int, repeats: int, work: Path) -> dict:
 def markdown(result: dict) -> str:
     machine = result["machine"]
     lines = [
-        "## Data pipeline: NIfTI decode + preprocess vs cached read (`bench/data.py`)",
+        "## Data pipeline: NIfTI decode + preprocess vs cached read (`bench/data_cache.py`)",
         "",
         f"- Date: {result['date']}; command: `{result['command']}`",
         f"- Machine: {machine['cpu']}, {machine['cores']} cores; Python {machine['python']}, numpy {machine['numpy']}, "
@@ -186,9 +184,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-data-") as work:
         result = run(args.subjects, args.repeats, Path(work))
-    (HERE / "data.json").write_text(json.dumps(result, indent=1) + "\n")
+    (HERE / "data_cache.json").write_text(json.dumps(result, indent=1) + "\n")
     section = markdown(result)
-    replace_section(HERE / "RESULTS.md", "bench/data.py", section)
+    replace_section(HERE / "RESULTS.md", "bench/data_cache.py", section)
     print(section)
 
 

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from bench import train as bench  # noqa: E402
-from vae.models.blocks import ResBlock3d  # noqa: E402
+from bench import throughput as bench
+from vae.models.blocks import ResBlock3d
 
 TINY = ["model.depth=2", "model.base_filters=4", "model.z_dim=8", "model.norm_groups=2", "model.broadcast_grid=4",
         "data.num_workers=0"]
@@ -91,7 +87,7 @@ def test_main_runs_end_to_end(tmp_path):
         "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path),
     ])
     assert code == 0
-    result = json.loads((tmp_path / "train.json").read_text())
+    result = json.loads((tmp_path / "throughput.json").read_text())
     assert {"date", "command", "machine", "device", "batch", "steps", "loaders", "rows"} <= set(result)
     assert [(r["variant"], r["size"], r["setting"], r["status"]) for r in result["rows"]] == [
         ("sbd-input", 16, "fp32", "ok"), ("sbd-input", 16, "fp32+cl", "ok"),
@@ -105,7 +101,7 @@ def test_main_runs_end_to_end(tmp_path):
     assert fp32["flops_per_volume"] == channels_last["flops_per_volume"]  # the memory format changes no FLOP
     assert result["loaders"][0]["size"] == 16 and result["loaders"][0]["volumes_per_s"] > 0
     section = (tmp_path / "RESULTS.md").read_text()
-    assert "<!-- bench/train.py -->" in section and "| sbd-input | 16^3 | fp32+cl |" in section
+    assert "<!-- bench/throughput.py -->" in section and "| sbd-input | 16^3 | fp32+cl |" in section
 
 
 def test_bad_override_exits_2_with_one_line(tmp_path, capsys):
@@ -113,4 +109,4 @@ def test_bad_override_exits_2_with_one_line(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "z_dimm" in err
-    assert not (tmp_path / "train.json").exists()
+    assert not (tmp_path / "throughput.json").exists()

@@ -1,8 +1,8 @@
 """Ray overheads through the real trainable: trial start-up, and seconds per epoch of 1 worker vs 2 DDP workers.
 
-    python bench/trial.py [--sizes 16 32] [--epochs 4] [--runs 1x1 1x2 2x1]
+    python -m bench.trial_startup [--sizes 16 32] [--epochs 4] [--runs 1x1 1x2 2x1]
 
-Each run is the single-run command line ``python -m trainables.train`` on the dip_sbd smoke
+Each run is the single-run command line ``python -m trainables.single_run`` on the dip_sbd smoke
 model (``sweeps/dip_sbd.yaml`` with ``--smoke``: DIP-VAE-II, SBD, z_dim 8, base 4, depth 2,
 batch 2 per worker, a checkpoint every epoch, a panel every 2) and a phantom of ``--subjects``
 subjects prepared beforehand: a local Ray instance with its dashboard, one Tune trial of
@@ -18,7 +18,7 @@ actor as many torch threads as CPUs, so 1x2 and 2x1 use the same 2 cores.
   median time between reports (with checkpoint, panel and reporting).
 
 Every run has its own Ray folder, so other Ray instances on the machine are left alone. Writes
-``bench/trial.json`` and this script's section of ``bench/RESULTS.md``.
+``bench/trial_startup.json`` and this script's section of ``bench/RESULTS.md``.
 """
 from __future__ import annotations
 
@@ -37,19 +37,16 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import machine, replace_section  # noqa: E402
-
-from sweeps.spec import load_sweep  # noqa: E402
-from trainables.cli import read_epochs  # noqa: E402
-from trainables.train import RUN_NAME  # noqa: E402
-from vae.config import ConfigError, ExperimentConfig, dump_experiment  # noqa: E402
-from vae.data import DataError  # noqa: E402
-from vae.data.sources import prepared_cache, training_datasets  # noqa: E402
+from bench.results import machine, replace_section
+from sweeps.spec import load_sweep
+from trainables.single_run import RUN_NAME
+from vae.config import ConfigError, ExperimentConfig, dump_experiment
+from vae.data import DataError
+from vae.data.sources import prepared_cache, training_datasets
+from vae.run_files import read_epochs
 
 HERE = Path(__file__).resolve().parent
-KEY = "bench/trial.py"
+KEY = "bench/trial_startup.py"
 REPO = HERE.parent
 RUN_TIMEOUT_S = 900
 
@@ -104,7 +101,7 @@ def measure(spec: Path, size: int, workers: int, cpus: float, work: Path) -> dic
     row = {"size": size, "workers": workers, "cpus_per_worker": cpus}
     folder = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))
     name = f"s{size}-w{workers}-c{cpus:g}"
-    command = [sys.executable, "-m", "trainables.train", str(spec), "--workers", str(workers),
+    command = [sys.executable, "-m", "trainables.single_run", str(spec), "--workers", str(workers),
                "--cpus-per-worker", str(cpus), "--results", str(work / "results"), "--name", name]
     try:
         status, lines = timed_lines(command, ray_environment(folder), RUN_TIMEOUT_S)
@@ -142,10 +139,10 @@ def same_cores(rows: list[dict]) -> list[str]:
 def markdown(result: dict) -> str:
     """This script's section of ``RESULTS.md``."""
     lines = [
-        "## Ray trial overheads (`bench/trial.py`)",
+        "## Ray trial overheads (`bench/trial_startup.py`)",
         "",
         f"- Date: {result['date']}; command: `{result['command']}`; machine: {result['machine']}",
-        f"- `python -m trainables.train` on the dip_sbd smoke model, phantom of {result['subjects']} subjects "
+        f"- `python -m trainables.single_run` on the dip_sbd smoke model, phantom of {result['subjects']} subjects "
         f"({result['train_volumes']} train / {result['val_volumes']} validation), batch 2 per worker, "
         f"{result['epochs']} epochs, local Ray with its dashboard. WxC: W workers (2: Ray Train + gloo DDP) of C CPUs "
         "(= torch threads) each. Start-up: process start to the first epoch line, minus that epoch; "
@@ -217,11 +214,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     train_set, val_set = next(iter(splits.values()))
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
-        "command": " ".join(["python bench/trial.py", *argv]), "subjects": args.subjects, "epochs": args.epochs,
+        "command": " ".join(["python -m bench.trial_startup", *argv]), "subjects": args.subjects, "epochs": args.epochs,
         "train_volumes": len(train_set), "val_volumes": len(val_set), "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "trial.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / "trial_startup.json").write_text(json.dumps(result, indent=1) + "\n")
     section = markdown(result)
     replace_section(args.out / "RESULTS.md", KEY, section)
     print(section)

@@ -1,18 +1,15 @@
-"""What the command lines of one run (``python -m trainables.train``) and of a sweep
-(``python sweeps/run.py``) share: the errors that mean bad input, starting or joining Ray,
-a Tune callback that prints one line per result, and reading a run's ``epochs.csv``.
+"""What the command lines that run trials on Ray share (one run, ``collapse-sweep train``, and a
+sweep, ``python sweeps/run.py``): the errors that mean bad input, starting or joining Ray, and a
+Tune callback that prints one line per result.
 """
 from __future__ import annotations
 
-import csv
 import math
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from vae.config import ConfigError
 from vae.data import DataError
-from vae.report import EPOCHS_CSV
 
 from .resources import ResourceError, TrialResources
 
@@ -70,12 +67,3 @@ def line_printer(
                 emit(on_end(trial))
 
     return LinePrinter()
-
-
-def read_epochs(run_dir: Path) -> list[dict[str, str]]:
-    """The rows of the run's ``epochs.csv`` (values as text); empty when the run has none yet."""
-    path = Path(run_dir) / EPOCHS_CSV
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))

@@ -1,6 +1,6 @@
 """Run one experiment through the sweep's trainable, on a local Ray instance or a cluster.
 
-    python -m trainables.train exp2_dipvae_sbd data.size=32 --epochs 20 --workers 2
+    python -m trainables.single_run exp2_dipvae_sbd data.size=32 --epochs 20 --workers 2
 
 Prints one line per epoch and, at the end, where the run's files are. Everything of a
 run lives under ``RESULTS/NAME/`` (``NAME`` defaults to the experiment's name)::
@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Sequence
 
 from vae.config import ConfigError, ExperimentConfig, load_experiment
-from vae.report import EPOCHS_CSV, LATEST_PANEL, progress_line
+from vae.panels import LATEST_PANEL
+from vae.run_files import EPOCHS_CSV, check_writable, read_epochs
+from vae.training import progress_line
 
-from .cli import BAD_INPUT_ERRORS, line_printer, read_epochs, start_ray
+from .session import BAD_INPUT_ERRORS, line_printer, start_ray
 from .resources import TrialResources
 
 EXIT_COMPLETED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DIVERGED = 0, 1, 2, 3
@@ -36,7 +38,7 @@ RUN_NAME = "run"  # the run's directory under RESULTS/NAME, fixed so that a re-r
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m trainables.train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m trainables.single_run", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="experiment name (vae/configs) or YAML path")
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. objective.kl.beta=0.5"
@@ -86,7 +88,6 @@ def run(args: argparse.Namespace) -> int:
 
     import ray
 
-    from vae.data.cache import check_writable
     from vae.data.sources import prepared_cache
 
     from .resources import max_concurrent_trials

@@ -1,10 +1,10 @@
 """Training throughput: volumes/s, FLOPs, MFU and peak memory of the encoder/decoder variants.
 
-    python bench/train.py                       # CPU: 32^3 and 64^3, batch 1; GPU: 128^3, batch 8
-    python bench/train.py --sizes 128 --batch 8 --variants sbd-input --settings bf16 bf16+cl+compile
+    python -m bench.throughput                       # CPU: 32^3 and 64^3, batch 1; GPU: 128^3, batch 8
+    python -m bench.throughput --sizes 128 --batch 8 --variants sbd-input --settings bf16 bf16+cl+compile
 
 A case is one variant at one size with one setting, timed over real training steps
-(``vae.train.train_epoch``: forward, the experiment's loss at full-strength schedules, backward,
+(``vae.training.train_epoch``: forward, the experiment's loss at full-strength schedules, backward,
 clipping, AdamW) on batches of the prepared phantom drawn from a ``DataLoader``. Variants are
 the audited models of ``vae/configs`` (exp1: conv decoder, exp2: spatial broadcast decoder), each
 with z at the decoder input (as audited) or FiLM in every block. A setting joins ``fp32`` or
@@ -23,7 +23,7 @@ Every variant runs in fp32; the other settings run for ``--settings-variants`` a
 audited models takes ~1 s at 32^3 and ~6 s at 64^3 there, but bf16 is emulated on a CPU without
 AVX-512 BF16 or AMX (an order of magnitude slower) and compiling takes minutes per model, so the
 other settings run for the audited exp2 variant at the first size only. A case that fails
-(compilation, memory) is reported with its one-line reason. Writes ``bench/train.json`` and this
+(compilation, memory) is reported with its one-line reason. Writes ``bench/throughput.json`` and this
 script's section of ``bench/RESULTS.md`` (``--out`` elsewhere).
 """
 from __future__ import annotations
@@ -43,18 +43,15 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import cpu_model, machine, replace_section  # noqa: E402
-
-from vae.config import ConfigError, ExperimentConfig, load_experiment  # noqa: E402
-from vae.data import CachedVolumes, DataError  # noqa: E402
-from vae.data.sources import prepared_cache  # noqa: E402
-from vae.models import build_model  # noqa: E402
-from vae.train import Precision, train_epoch  # noqa: E402
+from bench.results import cpu_model, machine, replace_section
+from vae.config import ConfigError, ExperimentConfig, load_experiment
+from vae.data import CachedVolumes, DataError
+from vae.data.sources import prepared_cache
+from vae.models import build_model
+from vae.training import Precision, train_epoch
 
 HERE = Path(__file__).resolve().parent
-KEY = "bench/train.py"
+KEY = "bench/throughput.py"
 # name -> (audited experiment, z injection)
 VARIANTS = {
     "conv-input": ("exp1_baseline_vae", "input"),
@@ -197,7 +194,7 @@ def native_bf16() -> bool:
 
 
 def random_batches(dataset: CachedVolumes, cfg: ExperimentConfig, count: int, device: torch.device) -> DataLoader:
-    """``count`` random batches of ``dataset``, loaded with the workers and pinning ``vae.train.fit`` uses."""
+    """``count`` random batches of ``dataset``, loaded with the workers and pinning ``vae.training.fit`` uses."""
     sampler = RandomSampler(dataset, replacement=True, num_samples=cfg.data.batch_size * count)
     return DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler,
                       num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
@@ -336,7 +333,7 @@ def verdicts(result: dict) -> list[str]:
     lines = []
     if result["device_type"] != "cuda":
         lines.append("- MFU >= 40 %: not checked. MFU needs a GPU's peak, and no GPU is lent to this project now; on a "
-                     "GPU run `python bench/train.py` (128^3, batch 8, fp32 / bf16 / bf16+cl / bf16+cl+compile).")
+                     "GPU run `python -m bench.throughput` (128^3, batch 8, fp32 / bf16 / bf16+cl / bf16+cl+compile).")
     elif any(r["mfu"] is None for r in rows):
         lines.append(f"- MFU >= 40 %: not checked: no peak FLOP/s known for {result['device']} (PEAK_TFLOPS).")
     else:
@@ -366,7 +363,7 @@ def markdown(result: dict) -> str:
     settings_at = ", ".join(f"{s}^3" for s in result["settings_sizes"])
     overrides = f"; overrides: `{' '.join(result['overrides'])}`" if result["overrides"] else ""
     lines = [
-        "## Training throughput (`bench/train.py`)",
+        "## Training throughput (`bench/throughput.py`)",
         "",
         f"- Date: {result['date']}; command: `{result['command']}`; machine: {result['machine']}; "
         f"device: {result['device']}",
@@ -416,7 +413,7 @@ def markdown(result: dict) -> str:
             + ". bf16 is "
             + ("native here." if result["native_bf16"] else "emulated here (no AVX-512 BF16 or AMX), hence its cost.")
             + " The loader's and the timed steps' figures on 2 shared cores say little about a GPU; "
-            "`bench/data.py` has the read costs per volume.",
+            "`bench/data_cache.py` has the read costs per volume.",
         ]
     return "\n".join(lines)
 
@@ -488,7 +485,7 @@ def run(args: argparse.Namespace, command: Sequence[str]) -> dict:
         print(f"{variant} {size}^3 {setting.label}: {shown}", flush=True)
     return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
-        "command": " ".join(["python bench/train.py", *command]), "device_type": device.type,
+        "command": " ".join(["python -m bench.throughput", *command]), "device_type": device.type,
         "device": device_name, "tf32": tf32,
         "native_bf16": native_bf16(), "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
         "threads": args.threads or torch.get_num_threads(), "overrides": args.overrides,
@@ -506,7 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "train.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / "throughput.json").write_text(json.dumps(result, indent=1) + "\n")
     section = markdown(result)
     replace_section(args.out / "RESULTS.md", KEY, section)
     print(section)

@@ -23,8 +23,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 from vae.config import ExperimentConfig
 from vae.demo import moving_blob_volumes
-from vae.report import NONFINITE_SENTINEL, finite_metrics, reconstruction_panel
-from vae.train import Hooks, fit, first_nonfinite
+from vae.panels import reconstruction_panel
+from vae.run_files import NONFINITE_SENTINEL, finite_metrics
+from vae.training import Hooks, fit, first_nonfinite
 
 MODALITIES = ["t1c", "t2f"]
 # The reported keys, in the promised order (written out here, not taken from the code).
