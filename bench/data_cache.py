@@ -16,7 +16,6 @@ Results go to ``bench/data_cache.json`` and to this script's section of ``bench/
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -31,7 +30,7 @@ import nibabel as nib
 import numpy as np
 import scipy
 
-from bench.results import cpu_model, replace_section
+from bench.results import cpu_model, publish
 from vae.data import CachedVolumes, PreprocessParams, discover, prepare, preprocess_subject
 from vae.data.preprocess import load_canonical
 
@@ -184,10 +183,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-data-") as work:
         result = run(args.subjects, args.repeats, Path(work))
-    (HERE / "data_cache.json").write_text(json.dumps(result, indent=1) + "\n")
-    section = markdown(result)
-    replace_section(HERE / "RESULTS.md", "bench/data_cache.py", section)
-    print(section)
+    publish(HERE, "bench/data_cache.py", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ set again for AU; medians of ``--repeats`` timings after one warm-up. Writes a s
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from bench.results import machine, replace_section
+from bench.results import machine, publish
 from vae.config import ExperimentConfig
 from vae.data.sources import prepared_cache, training_datasets
 from vae.evaluation.diagnostics import active_units
@@ -209,9 +208,7 @@ def main() -> None:
         rows = [measure(size, args.epochs, args.repeats, Path(tmp)) for size in args.sizes]
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
               "command": "python -m bench.overhead " + " ".join(sys.argv[1:]), "rows": rows}
-    (HERE / "overhead.json").write_text(json.dumps(result, indent=1) + "\n")
-    replace_section(HERE / "RESULTS.md", "bench/overhead.py", markdown(result))
-    print(markdown(result))
+    publish(HERE, "bench/overhead.py", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """What every benchmark shares: the machine's description and its section of ``RESULTS.md``."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
 from pathlib import Path
+from typing import Any, Mapping
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 
@@ -25,6 +27,16 @@ def machine() -> str:
     torch = sys.modules.get("torch")
     extra = f", torch {torch.__version__}" if torch else ""
     return f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}{extra}"
+
+
+def publish(folder: Path, key: str, result: Mapping[str, Any], section: str) -> None:
+    """A benchmark's figures as ``<folder>/<name>.json`` and its section of ``<folder>/RESULTS.md``, and
+    the section printed; ``key`` is the benchmark's file (``bench/throughput.py``): it names the JSON
+    and marks the section."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{Path(key).stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    replace_section(folder / RESULTS.name, key, section)
+    print(section)
 
 
 def replace_section(path: Path, key: str, section: str) -> None:

@@ -41,7 +41,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from bench.results import RESULTS, machine, replace_section
+from bench.results import RESULTS, machine, publish
 from sweeps.collapse_rule import (
     HISTORY_KEYS, CollapseRule, ScheduleTargets, collapse_history, collapse_streak, numeric_rows, trial_outcome,
 )
@@ -710,9 +710,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.replay_only and not args.write:
         print(text)
         return EXIT_OK
-    JSON_PATH.write_text(json.dumps(result, indent=1) + "\n")
-    replace_section(RESULTS, SECTION, text)
-    print(f"{text}\n\n== written to {JSON_PATH.relative_to(ROOT)} and {RESULTS.relative_to(ROOT)}")
+    publish(HERE, SECTION, result, text)
+    print(f"\n== written to {JSON_PATH.relative_to(ROOT)} and {RESULTS.relative_to(ROOT)}")
     return EXIT_OK
 
 

@@ -29,7 +29,6 @@ script's section of ``bench/RESULTS.md`` (``--out`` elsewhere).
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import statistics
 import sys
@@ -43,7 +42,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.results import cpu_model, machine, replace_section
+from bench.results import cpu_model, machine, publish
 from vae.config import ConfigError, ExperimentConfig, load_experiment
 from vae.data import CachedVolumes, DataError
 from vae.data.sources import prepared_cache
@@ -502,11 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError) as err:
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "throughput.json").write_text(json.dumps(result, indent=1) + "\n")
-    section = markdown(result)
-    replace_section(args.out / "RESULTS.md", KEY, section)
-    print(section)
+    publish(args.out, KEY, result, markdown(result))
     return 0
 
 

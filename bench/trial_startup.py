@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from bench.results import machine, replace_section
+from bench.results import machine, publish
 from sweeps.spec import load_sweep
 from trainables.single_run import RUN_NAME
 from vae.config import ConfigError, ExperimentConfig, dump_experiment
@@ -217,11 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": " ".join(["python -m bench.trial_startup", *argv]), "subjects": args.subjects, "epochs": args.epochs,
         "train_volumes": len(train_set), "val_volumes": len(val_set), "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "trial_startup.json").write_text(json.dumps(result, indent=1) + "\n")
-    section = markdown(result)
-    replace_section(args.out / "RESULTS.md", KEY, section)
-    print(section)
+    publish(args.out, KEY, result, markdown(result))
     return 0
 
 

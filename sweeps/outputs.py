@@ -5,7 +5,7 @@
     trials.csv    one row per trial: parameters, status, epochs run, final and best metrics
     epochs.csv    every trial-epoch: the rows of each trial's own epochs.csv, with its trial_id
     summary.json  counts by status and Optuna state, the best trial, the Pareto front, wall time
-    best.yaml     the best trial's experiment, ready for ``python -m trainables.single_run``
+    best.yaml     the best trial's experiment, ready for ``collapse-sweep train``
     report/       pictures and index.html (sweeps.report)
     trials/       one run directory per trial (epochs.csv, checkpoint, reconstruction panels)
     tune/         the Tune experiments, one per start of the sweep
@@ -107,7 +107,7 @@ def best_yaml(sweep: Sweep, trial: FrozenTrial, out_dir: Path) -> str:
     header = (
         f"# Best trial of sweep {sweep.name} ({out_dir.name}): Optuna trial {trial.number}, "
         f"{trial.user_attrs[RUN_NAME]}: {values}\n"
-        f"# Train it with: python -m trainables.single_run {out_dir / BEST_YAML}\n"
+        f"# Train it with: collapse-sweep train {out_dir / BEST_YAML}\n"
     )
     return header + dump_experiment(cfg)
 

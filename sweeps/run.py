@@ -1,6 +1,6 @@
 """Run a sweep: Optuna (TPE) through Ray Tune, with collapse-aware early termination.
 
-    python sweeps/run.py dip_sbd --smoke
+    python sweeps/run.py dip_sbd --smoke          # or: collapse-sweep run dip_sbd --smoke
     python sweeps/run.py dip_sbd --data /data/brats --num-samples 64 --gpus-per-trial 1 --address auto
     python sweeps/run.py dip_sbd --resume
 
@@ -16,7 +16,6 @@ the command that continues it.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,17 +23,10 @@ from typing import Any, Sequence
 
 STARTED = time.perf_counter()  # the wall time printed at the end includes the imports below
 
-# Run as a script: make the project importable here and in the Ray workers this process starts.
-ROOT = str(Path(__file__).resolve().parents[1])
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
-
-from trainables.session import BAD_INPUT_ERRORS  # noqa: E402
-from vae.config import parse_override  # noqa: E402
-
 from sweeps.monitoring import TRACKERS, check_trackers  # noqa: E402
 from sweeps.spec import EARLY_STOP_MODES, load_sweep  # noqa: E402
+from trainables.session import BAD_INPUT_ERRORS  # noqa: E402
+from vae.config import parse_override  # noqa: E402
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 2, 130  # 130: ended by Ctrl-C (128 + SIGINT)
 # Command-line flags that set keys of the sweep file (flag attribute -> dotted key).
@@ -53,8 +45,8 @@ SPEC_FLAGS = {
 RESUMABLE_FLAGS = ("num_samples", "workers_per_trial", "cpus_per_trial", "gpus_per_trial", "max_concurrent")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python sweeps/run.py", description=__doc__.split("\n\n")[0])
+def parse_args(argv: Sequence[str] | None = None, prog: str = "python sweeps/run.py") -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("name", metavar="NAME", help="sweep name (sweeps/NAME.yaml) or a sweep YAML path")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="experiment keys fixed for every trial, e.g. data.batch_size=4")
@@ -126,8 +118,8 @@ def prepare(args: argparse.Namespace):
     return resume_run(results, args.name, args.run, args.storage, args.seed, changes, recorded_options(args))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "python sweeps/run.py") -> int:
+    args = parse_args(argv, prog)
     try:
         check_trackers(args.log)
         run = prepare(args)

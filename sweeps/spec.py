@@ -25,7 +25,6 @@ command line turns it into exit status 2 before any compute starts.
 from __future__ import annotations
 
 import copy
-import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
@@ -38,6 +37,7 @@ from vae.config import (
     resolve_yaml, set_dotted, validate_experiment, yaml_names,
 )
 from vae.objectives import effective_sigma2
+from vae.training import reported_metrics
 
 from .space import Scalar, Space, parse_space
 from .collapse_rule import CollapseRule
@@ -87,7 +87,7 @@ class ResourcesSpec(Section):
     gpus_per_trial: float = Field(0.0, ge=0)
     max_failures: int = Field(0, ge=0)  # restarts of a crashed trial from its last checkpoint
     # Trials at once. Default: as many as the nodes alive at the start can hold; on an
-    # autoscaling cluster give what its largest size holds (python -m trainables.cluster says).
+    # autoscaling cluster give what its largest size holds (collapse-sweep cluster says).
     max_concurrent: int | None = Field(None, ge=1)
 
     def trial_resources(self) -> TrialResources:
@@ -270,26 +270,6 @@ def first_line(err: Exception | str) -> str:
 
 
 # --------------------------------------------------------------------------- checks
-
-
-def reported_metrics(modalities: Sequence[str]) -> tuple[str, ...]:
-    """The numeric metrics every trial reports each epoch, derived from ``vae.training.epoch_metrics`` itself.
-
-    It is called with stand-ins that read as 0 for any key (and as a list of zeros where a
-    per-modality list is expected), so the names cannot drift from what training reports.
-    """
-    from vae.training import TrainPass, epoch_metrics
-
-    class Zero(float):
-        def __iter__(self):
-            return itertools.repeat(0.0)
-
-    class AnyKey(dict):
-        def __missing__(self, key):
-            return Zero(0.0)
-
-    metrics = epoch_metrics(1, TrainPass(AnyKey(), 0, None), AnyKey(), list(modalities), 0.0, 0.0)
-    return tuple(key for key, value in metrics.items() if not isinstance(value, str))
 
 
 def check_sweep(sweep: Sweep, source: str) -> None:

@@ -190,6 +190,18 @@ def test_sigma_vae_is_finite_for_a_perfect_reconstruction():
     assert torch.isfinite(loss) and torch.isfinite(x_hat.grad).all()
 
 
+def test_sigma_vae_sigma_from_pooled_errors_is_the_whole_batchs():
+    """How a caller pools sigma over the slices of a batch (ranks under DDP): summed squared
+    errors and element counts, the count as a tensor, give the whole batch's sigma and NLL."""
+    x_hat, x = _volumes(seed=11, shape=(4, 2, 6, 6, 6))
+    pooled = sum(obj.sum_squared_error(h, t).sum() for h, t in zip(x_hat.chunk(2), x.chunk(2)))
+    log_sigma = obj.optimal_log_sigma(pooled, torch.tensor(x.numel()))
+    assert log_sigma.item() == pytest.approx(obj.sigma_vae_log_sigma(x_hat, x).item(), rel=1e-12)
+    first_half = obj.shared_sigma_nll(obj.sum_squared_error(x_hat[:2], x[:2]), log_sigma, x[0].numel())
+    second_half = obj.shared_sigma_nll(obj.sum_squared_error(x_hat[2:], x[2:]), log_sigma, x[0].numel())
+    assert ((first_half + second_half) / 2).item() == pytest.approx(obj.sigma_vae_nll(x_hat, x).item(), rel=1e-12)
+
+
 @pytest.mark.parametrize("likelihood", obj.LIKELIHOODS)
 def test_reconstruction_dispatches_on_the_likelihood(likelihood):
     x_hat, x = _volumes(seed=10)

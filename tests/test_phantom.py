@@ -1,5 +1,6 @@
 import csv
 import json
+import os
 
 import nibabel as nib
 import numpy as np
@@ -8,6 +9,8 @@ import pytest
 from vae.config import ConfigError, load_experiment
 from vae.data import DataError
 from vae.data import phantom as P
+from vae.data.phantom import anatomy as phantom_anatomy
+from vae.run_files import is_temporary
 
 ANATOMIES = ["procedural", "mni"]  # the MNI maps come with the pinned nilearn, a declared dependency
 TUMOUR = {"tumour_present": True}
@@ -196,7 +199,7 @@ def test_anatomy_fractions_are_valid(anatomy):
 
 
 def test_procedural_anatomy_needs_no_data_files(monkeypatch):
-    monkeypatch.setattr(P, "mni_template_paths", lambda: None)
+    monkeypatch.setattr(phantom_anatomy, "mni_template_paths", lambda: None)
     assert P.get_anatomy("procedural").name == "procedural_ellipsoids"
     with pytest.raises(DataError, match="nilearn") as missing:
         P.mni_anatomy.__wrapped__()  # the uncached loader
@@ -269,7 +272,7 @@ def file_times(root):
 
 
 def no_temporary_files(root):
-    return not [p for p in root.rglob("*") if p.name.startswith(".tmp-")]
+    return not [p for p in root.rglob("*") if is_temporary(p)]
 
 
 @pytest.mark.parametrize(
@@ -349,16 +352,19 @@ def test_rerun_keeps_complete_subjects_and_repairs_incomplete_ones(tmp_path, cap
 
 
 def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
-    real_save = nib.save
-    calls = []
+    real_replace = os.replace
+    images = []
 
-    def save_then_fail(image, path):
-        calls.append(path)
-        real_save(image, path)  # the temporary file is fully written ...
-        if len(calls) == 7:  # ... then the run dies (second subject, second image)
-            raise KeyboardInterrupt
+    def rename_then_fail(source, destination):
+        # The temporary file is fully written; the run dies before the 7th image (second
+        # subject, second image) is renamed into place.
+        if str(destination).endswith(".nii.gz"):
+            images.append(destination)
+            if len(images) == 7:
+                raise KeyboardInterrupt
+        real_replace(source, destination)
 
-    monkeypatch.setattr(P.nib, "save", save_then_fail)
+    monkeypatch.setattr(os, "replace", rename_then_fail)
     with pytest.raises(KeyboardInterrupt):
         P.write_phantom_dataset(tmp_path, 2, 16, anatomy="procedural", progress=False)
     assert no_temporary_files(tmp_path)
@@ -367,7 +373,7 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
     assert not (tmp_path / "BraTS2021_00001" / "BraTS2021_00001_t1ce.nii.gz").exists()
     assert not (tmp_path / "factors.csv").exists()
 
-    monkeypatch.setattr(P.nib, "save", real_save)
+    monkeypatch.setattr(os, "replace", real_replace)
     P.write_phantom_dataset(tmp_path, 2, 16, anatomy="procedural", progress=False)
     assert (tmp_path / "BraTS2021_00001" / "factors.json").is_file()
     assert len(list(csv.DictReader((tmp_path / "factors.csv").open()))) == 2

@@ -306,7 +306,7 @@ def test_bad_input_through_each_main_is_one_line_exit_2(name, tmp_path, monkeypa
     case = CASES[name](folder)
     monkeypatch.setenv("COLLAPSE_SWEEP_CACHE", str(folder / "cache-root"))
     if case.maps_missing:
-        monkeypatch.setattr("vae.data.phantom.mni_template_paths", lambda: None)
+        monkeypatch.setattr("vae.data.phantom.anatomy.mni_template_paths", lambda: None)
     main, argv = in_process_main(case.command)
     began = time.perf_counter()
     try:

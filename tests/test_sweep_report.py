@@ -5,13 +5,19 @@ near 1 nat), a diverged one with two epochs (its last KL is the non-finite senti
 failed one without epochs or number, two more completed ones, an ASHA-stopped one and a
 trial that is running (in epochs.csv only); a real Optuna study in SQLite with PRUNED and
 FAIL trials beside the completed ones.
+
+The page is also opened in headless Chromium (through selenium and chromedriver): it must load
+without console errors and with every picture drawn; that test is skipped only where no
+Chromium is installed.
 """
 from __future__ import annotations
 
 import csv
 import itertools
+import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import matplotlib.image
@@ -23,6 +29,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from sweeps.report import (
+    BEST_HEADING,
     Skipped,
     curves_figure,
     kl_scale,
@@ -34,6 +41,7 @@ from sweeps.report import (
     progress_figure,
     write_report,
 )
+from sweeps.report.page import significant
 from vae.run_files import NONFINITE_SENTINEL
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -135,8 +143,8 @@ def assert_png(path: Path) -> None:
 def section(page: str, heading: str) -> str:
     """The HTML from ``heading`` up to the next heading."""
     start = page.index(heading)
-    following = re.search(r"<h[23]>", page[start:])
-    return page[start: start + following.start() if following else None]
+    following = re.search(r"<h[23]>", page[start + len(heading):])
+    return page[start: start + len(heading) + following.start() if following else None]
 
 
 # --------------------------------------------------------------------------- Pareto front
@@ -328,3 +336,143 @@ def test_report_requires_trials_table(tmp_path: Path):
         write_report(tmp_path, None, [("au", "max")])
     with pytest.raises(ValueError, match="one or two"):
         write_report(tmp_path, None, [])
+
+
+# --------------------------------------------------------------------------- the page as a person reads it
+
+
+def test_page_reads_summary_then_trials_then_figures(sweep_dir: Path, two_objective_study: optuna.Study):
+    page = write_report(sweep_dir, two_objective_study, TWO_OBJECTIVES).read_text()
+    landmarks = ["Trials by status", "Optuna study", BEST_HEADING, "Pareto front", 'src="curves.png"',
+                 "<h2>Trials</h2>", 'src="pareto.png"', 'src="importances.png"', 'src="params.png"',
+                 'src="recon_best.png"', 'src="recon_audited.png"']
+    places = [page.index(landmark) for landmark in landmarks]
+    assert places == sorted(places), landmarks
+    trials = section(page, "<h2>Trials</h2>")
+    rows = re.findall(r"<tr(?: class=\"(\w+)\")?>(.*?)</tr>", trials)
+    assert len(rows) == 1 + len(TRIALS)  # the header, then one row per trial
+    marked = {row_class: cells for row_class, cells in rows if row_class}
+    assert set(marked) == {"best", "audited"} and "<td>t0</td>" in marked["best"] and "<td>t1</td>" in marked["audited"]
+    header = rows[0][1]
+    for label in ("AU ↑", "recon(μ) ↓", "KL_raw", 'title="objective.kl.beta">β<', ">likelihood<"):
+        assert label in header, label
+    assert "interrupted" not in page  # no interruption: no note
+
+
+@pytest.mark.parametrize(
+    "value, text",
+    [(1.5478914484799877, "1.55"), (0.01, "0.01"), (12.0, "12"), (-0.2522, "−0.252"), (999.7, "1000"),
+     (123456.0, "123000"), (1.234e-7, "1.23e−7"), (2.5e7, "2.5e7"), (0.0, "0"), (math.nan, "—")],
+)
+def test_numbers_show_three_significant_digits(value: float, text: str):
+    assert significant(value) == text
+
+
+def test_estimates_outside_their_range_are_clipped_and_flagged(tmp_path: Path):
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "sweep.json").write_text(json.dumps({"experiment": {"model": {"z_dim": 16}}}))
+    write_csv(out / "trials.csv", [{
+        "trial_id": "a", "number": 0, "status": "completed", "run_dir": "", "param/objective.kl.beta": 1.5478914484799877,
+        "final/au": 20, "final/kl_raw": -0.01, "final/recon_mu": 0.0312345, "final/mi": -0.2522,
+    }])
+    page = write_report(out, None, TWO_OBJECTIVES).read_text()
+    for part in (section(page, BEST_HEADING), section(page, "<h2>Trials</h2>")):
+        assert "16 <span class=\"flag\">(estimate 20 clipped)</span>" in part  # AU above z_dim
+        assert "0 <span class=\"flag\">(estimate −0.01 clipped)</span>" in part  # KL_raw below 0
+        assert ">0.0312</td>" in part and ">1.55</td>" in part
+    assert "0 <span class=\"flag\">(estimate −0.252 clipped)</span>" in section(page, "<h2>Trials</h2>")  # MI below 0
+    assert "1.5478914484799877" not in page and "0.0312345" not in page
+
+
+def test_interrupted_trials_are_explained_beside_the_study(sweep_dir: Path, tmp_path: Path):
+    study = make_study(tmp_path, ["maximize", "minimize"])
+    params = {"objective.kl.beta": 0.1, "objective.likelihood": "gaussian_sum"}
+
+    def add(run_name: str, state: TrialState, **attrs) -> None:
+        values = [8.0, 0.015] if state == TrialState.COMPLETE else None
+        study.add_trial(create_trial(params=params, distributions=DISTRIBUTIONS, state=state, values=values,
+                                     user_attrs={"run_name": run_name, **attrs}))
+
+    add("t4", TrialState.FAIL, status="interrupted", stop_reason="interrupted: the sweep was stopped")
+    add("t4", TrialState.COMPLETE)  # t4 continued under the same name
+    add("t6", TrialState.FAIL, status="interrupted")
+    study.enqueue_trial(params, user_attrs={"run_name": "t6", "continues": 9})  # t6 waits for --resume
+    page = write_report(sweep_dir, study, TWO_OBJECTIVES).read_text()
+    optuna_section = section(page, "Optuna study")
+    states = dict(re.findall(r"<tr><td>(\w+)</td><td>(\d+)</td></tr>", optuna_section))
+    assert states == {"COMPLETE": "5", "PRUNED": "1", "FAIL": "3", "WAITING": "1"}
+    assert "FAIL includes 2 interrupted Optuna trials" in optuna_section
+    assert "Continued by later Optuna trials: t4." in optuna_section
+    assert "resumed (--resume): t6." in optuna_section
+    assert "<td>t4 <span title=\"continued after an interruption\">↻</span></td>" in section(page, "<h2>Trials</h2>")
+
+
+# --------------------------------------------------------------------------- the page in a real browser
+
+CHROMIUM = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+APT_CHROMIUM = "apt-get install -y chromium chromium-driver"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium driven through WebDriver (selenium with the system's chromedriver), keeping console messages.
+
+    Skipped only when no Chromium is installed; Chromium without chromedriver or selenium fails.
+    """
+    binary = next((path for path in map(shutil.which, CHROMIUM) if path), None)
+    if binary is None:
+        pytest.skip(f"no Chromium installed to open the report in (Debian: {APT_CHROMIUM})")
+    driver_path = shutil.which("chromedriver")
+    assert driver_path, f"{binary} is installed but chromedriver is not (Debian: {APT_CHROMIUM})"
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError as error:
+        pytest.fail(f"selenium is missing (pip install -e '.[dev]'): {error}")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    # --no-sandbox: CI runs as root in a container, where Chromium's sandbox cannot start.
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                     "--window-size=1400,1000"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    # An explicit chromedriver: selenium never tries to download a driver or a browser.
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def open_page(browser, index: Path) -> tuple[list[list], list[dict]]:
+    """Load ``index`` (returns once the page and its images have loaded); its pictures as
+    ``[src, complete, naturalWidth]`` and the console's errors since the last call."""
+    browser.get(index.as_uri())
+    images = browser.execute_script(
+        "return Array.from(document.images, i => [i.getAttribute('src'), i.complete, i.naturalWidth])")
+    errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    return images, errors
+
+
+def test_report_page_loads_in_a_browser(browser, sweep_dir: Path, two_objective_study: optuna.Study):
+    images, errors = open_page(browser, write_report(sweep_dir, two_objective_study, TWO_OBJECTIVES))
+    assert not errors
+    assert sorted(src for src, _, _ in images) == sorted(PICTURES)
+    assert all(complete and width > 0 for _, complete, width in images), images
+    # The summary is one screen: the best trial beside the audited one, and the curves begin, above the fold.
+    layout = browser.execute_script(
+        "const table = [...document.querySelectorAll('h3')].find(h => h.textContent.startsWith(arguments[0]))"
+        ".nextElementSibling.getBoundingClientRect();"
+        "return [table.bottom, document.querySelector('img[src=\"curves.png\"]').getBoundingClientRect().top,"
+        " window.innerHeight];", BEST_HEADING)
+    table_bottom, curves_top, height = layout
+    assert table_bottom <= height and curves_top < height, layout
+
+
+def test_partial_report_loads_in_a_browser(browser, sweep_dir: Path):
+    (sweep_dir / "epochs.csv").unlink()
+    (sweep_dir / "trials" / "t0" / "recon_latest.png").unlink()
+    images, errors = open_page(browser, write_report(sweep_dir, None, TWO_OBJECTIVES))
+    assert not errors
+    assert sorted(src for src, _, _ in images) == ["params.png", "pareto.png", "recon_audited.png"]
+    assert all(complete and width > 0 for _, complete, width in images), images

@@ -285,6 +285,17 @@ def test_cli_flags_win_over_overrides(scratch):
     assert resources_from_args(args) == TrialResources(workers=2, use_gpu=True, gpus_per_worker=0.5)
 
 
+
+def test_overrides_may_come_anywhere_on_the_line(scratch):
+    from trainables.single_run import experiment_from_args, parse_args
+
+    experiment = write_experiment(scratch / "anywhere.yaml", small_experiment(scratch / "cache"))
+    for argv in ([str(experiment), "--epochs", "2", "data.size=32"], [str(experiment), "data.size=32", "--epochs", "2"],
+                 ["--epochs", "2", str(experiment), "data.size=32"]):
+        cfg = experiment_from_args(parse_args(argv))
+        assert (cfg.train.epochs, cfg.data.size) == (2, 32), argv
+
+
 # --------------------------------------------------------------------------- trial config
 
 

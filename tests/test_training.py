@@ -123,6 +123,15 @@ def run_a(tmp_path_factory):
     return run_dir, recorder, outcome, lines
 
 
+def test_the_declared_metric_names_are_what_an_epoch_reports(run_a):
+    """What sweeps may name (objectives, ASHA) is a declared list; a real epoch reports exactly it."""
+    from vae.training import reported_metrics
+
+    _, recorder, _, _ = run_a
+    reported = tuple(key for key, value in recorder.metrics[0].items() if not isinstance(value, str))
+    assert reported == reported_metrics(MODALITIES)
+
+
 def test_every_epoch_reports_every_key_in_order_finite(run_a):
     _, recorder, outcome, _ = run_a
     assert [list(m) for m in recorder.metrics] == [EXPECTED_KEYS] * 3

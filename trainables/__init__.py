@@ -15,7 +15,7 @@ hands Tune the trainable (after ``ray.init``)::
         run_config=tune.RunConfig(checkpoint_config=tune.CheckpointConfig(num_to_keep=2), ...),
     )
 
-``python -m trainables.single_run`` runs one experiment the same way.
+``collapse-sweep train`` (:mod:`trainables.single_run`) runs one experiment the same way.
 """
 from .resources import DRIVER_CPU, ResourceError, TrialResources, max_concurrent_trials
 from .trial import TrialSpec, parse_trial_config, train_trial, train_worker, trial_config, trial_resources

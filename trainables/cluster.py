@@ -8,8 +8,8 @@ is why pyproject pins Ray. Given what one trial asks for, it also says how many 
 cluster holds at its largest: an autoscaling cluster starts small, so the sweep needs that
 figure as ``--max-concurrent`` (it would otherwise size itself from the nodes alive at start).
 
-    python -m trainables.cluster cluster.yaml
-    python -m trainables.cluster cluster.yaml --gpus-per-trial 1 --cpus-per-trial 4
+    collapse-sweep cluster cluster.yaml           # or: python -m trainables.cluster cluster.yaml
+    collapse-sweep cluster cluster.yaml --gpus-per-trial 1 --cpus-per-trial 4
 """
 from __future__ import annotations
 
@@ -132,10 +132,8 @@ def full_size_concurrency(config: dict[str, Any], resources: TrialResources) -> 
     return f"at its largest ({description}) it holds {trials} such trials at once: run the sweep with --max-concurrent {trials}"
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m trainables.cluster", description="Check Ray cluster-launcher files offline."
-    )
+def parse_args(argv: Sequence[str] | None, prog: str = "collapse-sweep cluster") -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description="Check Ray cluster-launcher files offline.")
     parser.add_argument("paths", nargs="+", metavar="CLUSTER_YAML")
     trial = parser.add_argument_group("one trial (give any to learn how many trials the cluster holds)")
     trial.add_argument("--workers-per-trial", type=int, help="DDP workers per trial (default 1)")
@@ -144,9 +142,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "collapse-sweep cluster") -> int:
     """Check each file; print what is wrong and return 1 if anything is."""
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     trial = {key: value for key in ("workers", "cpus", "gpus") if (value := getattr(args, f"{key}_per_trial")) is not None}
     resources = None
     if trial:

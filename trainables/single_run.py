@@ -1,6 +1,7 @@
 """Run one experiment through the sweep's trainable, on a local Ray instance or a cluster.
 
-    python -m trainables.single_run exp2_dipvae_sbd data.size=32 --epochs 20 --workers 2
+    collapse-sweep train exp2_dipvae_sbd data.size=32 --epochs 20 --workers 2
+    python -m trainables.single_run exp2_dipvae_sbd --epochs 20 data.size=32     # the same
 
 Prints one line per epoch and, at the end, where the run's files are. Everything of a
 run lives under ``RESULTS/NAME/`` (``NAME`` defaults to the experiment's name)::
@@ -37,8 +38,8 @@ EXIT_COMPLETED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DIVERGED = 0, 1, 2, 3
 RUN_NAME = "run"  # the run's directory under RESULTS/NAME, fixed so that a re-run resumes it
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m trainables.single_run", description=__doc__.split("\n\n")[0])
+def parse_args(argv: Sequence[str] | None = None, prog: str = "collapse-sweep train") -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="experiment name (vae/configs) or YAML path")
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. objective.kl.beta=0.5"
@@ -61,7 +62,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="start the local Ray instance without its dashboard (tests only: a stopped or crashed "
         "multi-worker trial then leaks its workers' resources)",
     )
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # key=value may come before or after the flags
 
 
 def experiment_from_args(args: argparse.Namespace) -> ExperimentConfig:
@@ -152,8 +153,8 @@ def _tuner(config: dict, resources: TrialResources, cfg: ExperimentConfig, run_r
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "collapse-sweep train") -> int:
+    args = parse_args(argv, prog)
     try:
         return run(args)
     except BAD_INPUT_ERRORS as err:

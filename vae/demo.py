@@ -1,6 +1,6 @@
 """Posterior collapse and its fix, in a few minutes on a CPU.
 
-    python -m vae.demo
+    collapse-sweep demo            # or: python -m vae.demo
 
 Trains the same small 3D VAE on volumes whose only varying content is a blob at a random
 position, once with the audited loss (per-voxel mean MSE beside a KL summed over the
@@ -11,6 +11,7 @@ active units (AU) end at 0. The second keeps the blob's position in z.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
@@ -68,8 +69,8 @@ def train_and_diagnose(cfg: ExperimentConfig, n_train: int = 256, n_val: int = 1
     return validate(model, val_batches, cfg, epoch=cfg.train.epochs - 1, dataset_size=n_train).metrics
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "collapse-sweep demo") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--size", type=int, default=16)
     args = parser.parse_args(argv)
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
         r = train_and_diagnose(cfg)
         eff = effective_sigma2(likelihood, sigma2, cfg.objective.kl.beta, cfg.in_channels * args.size**3)
         print(f"{likelihood:<12}{eff:>14.3g}{r['au']:>6}{r['kl_raw']:>10.2f}{r['recon_mu']:>11.4f}{r['recon_zero']:>10.4f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -6,6 +6,8 @@ initialised, so the same code runs in a single process, in tests and under DDP.
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -24,6 +26,14 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+@contextmanager
+def _autograd_collectives() -> Iterator[None]:
+    """Quiet about ``torch.distributed.nn.functional``'s deprecation: its replacement is private, it still works."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*nn\.functional\.\w+ is deprecated", category=FutureWarning)
+        yield
+
+
 def gather_batch(t: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's batch along dim 0, keeping the gradient of every slice.
 
@@ -34,10 +44,21 @@ def gather_batch(t: torch.Tensor) -> torch.Tensor:
     """
     if not is_distributed() or world_size() == 1:
         return t
-    with warnings.catch_warnings():
-        # Deprecated in favour of a private functional API; the public one still works.
-        warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
+    with _autograd_collectives():
         return torch.cat(dist_nn.all_gather(t), dim=0)
+
+
+def all_reduce_sum_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over ranks, keeping the gradient: ``t`` itself when alone.
+
+    Backward sums every rank's gradient of the result onto each rank's ``t``, which is
+    how a sum over the global batch differentiates: a loss of the global sum gets the
+    single-process gradient once DDP averages it over ranks.
+    """
+    if not is_distributed() or world_size() == 1:
+        return t
+    with _autograd_collectives():
+        return dist_nn.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

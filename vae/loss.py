@@ -4,9 +4,12 @@
 
 where the KL term is ``beta(t) * KL_constrained`` or, with capacity annealing,
 ``gamma * |KL_constrained - C(t)|``. Batch statistics (free bits in batch-mean mode, the
-DIP covariance, TC) are taken over the global batch: under DDP ``mu``, ``logvar`` and ``z``
-are gathered from every rank with their gradients, so each rank's loss matches the
-single-process loss and DDP's gradient averaging gives the single-process gradient.
+DIP covariance, TC, the sigma-VAE's sigma) are taken over the global batch: under DDP
+``mu``, ``logvar`` and ``z`` are gathered from every rank with their gradients, and the
+squared error that sets sigma is summed over ranks with its gradient. So each rank's
+statistics and KL, DIP and TC terms match the single-process ones, its reconstruction
+term is the mean over its own samples (their mean over ranks is the single-process
+value), and DDP's gradient averaging gives the single-process gradient.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import torch
 
 from vae import objectives as obj
 from vae.config import ObjectiveConfig
-from vae.dist import gather_batch
+from vae.dist import all_reduce_sum, all_reduce_sum_with_grad, gather_batch
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,18 @@ def _grad_if(needed: bool) -> torch.autograd.grad_mode.set_grad_enabled:
     return torch.set_grad_enabled(torch.is_grad_enabled() and needed)
 
 
+def _reconstruction(x_hat: torch.Tensor, x: torch.Tensor, cfg: ObjectiveConfig) -> torch.Tensor:
+    """The reconstruction term of the local batch, with the sigma-VAE's sigma from the global batch."""
+    if cfg.likelihood != "sigma_vae":
+        return obj.reconstruction(x_hat, x, cfg.likelihood, cfg.sigma2)
+    sse = obj.sum_squared_error(x_hat, x)  # [B]
+    # Sigma is a function of the data (Rybkin et al.'s optimal sigma), so its gradient reaches
+    # every rank's reconstructions, as it reaches every sample's in one process.
+    global_sse = all_reduce_sum_with_grad(sse.sum())
+    global_count = all_reduce_sum(torch.tensor(x.numel(), device=x.device))
+    return obj.shared_sigma_nll(sse, obj.optimal_log_sigma(global_sse, global_count), x[0].numel())
+
+
 def compute_loss(
     x: torch.Tensor,
     x_hat: torch.Tensor,
@@ -68,7 +83,7 @@ def compute_loss(
     dataset_size: int,
 ) -> LossTerms:
     """The loss of one (local) batch at (fractional) ``epoch``; see the module docstring."""
-    recon = obj.reconstruction(x_hat, x, cfg.likelihood, cfg.sigma2)
+    recon = _reconstruction(x_hat, x, cfg)
 
     mu, logvar, z = gather_batch(mu), gather_batch(logvar), gather_batch(z)
     kl_bd = obj.kl_per_dim(mu.float(), logvar.float())

@@ -1,8 +1,9 @@
 """Pure loss functions of a 3D VAE. Tensors are batch-first; nothing here holds state.
 
-Batch statistics (free bits in ``batch_mean`` mode, DIP covariances, TC) are computed
-on whatever batch they are given: under DDP the caller passes the global batch from
-:func:`vae.dist.gather_batch`. Without a process group that is simply the local batch.
+Batch statistics (free bits in ``batch_mean`` mode, DIP covariances, TC, the sigma-VAE's
+sigma) are computed on whatever batch they are given: under DDP the caller passes the
+global batch from :func:`vae.dist.gather_batch` (for sigma, the squared error summed over
+ranks). Without a process group that is simply the local batch.
 
 Schedules are functions of a float epoch ``t`` (the caller may pass
 ``epoch + step / steps_per_epoch``), so a resumed run continues where it stopped.
@@ -94,7 +95,7 @@ def free_bits(kl_bd: torch.Tensor, floor: float, mode: str = "batch_mean") -> to
 # --------------------------------------------------------------------------- reconstruction
 
 
-def _sum_squared_error(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def sum_squared_error(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Squared error summed over every voxel of each sample: ``[B, C, *spatial]`` -> ``[B]``."""
     _check_same_shape(x_hat=x_hat, x=x)
     return (_at_least_float32(x_hat) - _at_least_float32(x)).pow(2).flatten(1).sum(dim=1)
@@ -121,7 +122,7 @@ def gaussian_nll(x_hat: torch.Tensor, x: torch.Tensor, sigma2: float) -> torch.T
     """
     if sigma2 <= 0:
         raise ValueError(f"sigma2 must be a positive decoder variance, got {sigma2}")
-    return (_sum_squared_error(x_hat, x) / (2.0 * sigma2)).mean()
+    return (sum_squared_error(x_hat, x) / (2.0 * sigma2)).mean()
 
 
 def _soft_clip_below(t: torch.Tensor, minimum: float) -> torch.Tensor:
@@ -129,12 +130,25 @@ def _soft_clip_below(t: torch.Tensor, minimum: float) -> torch.Tensor:
     return minimum + F.softplus(t - minimum)
 
 
-def _optimal_log_sigma(sse: torch.Tensor, num_elements: int) -> torch.Tensor:
-    """Soft-clipped log sqrt(MSE) from the per-sample squared errors ``sse`` ``[B]``, a scalar."""
-    mse = sse.sum() / num_elements
+def optimal_log_sigma(sse: torch.Tensor, num_elements: int | torch.Tensor) -> torch.Tensor:
+    """Soft-clipped log sqrt(MSE), the MSE being ``sse`` (a scalar) summed over ``num_elements`` values.
+
+    The sigma-VAE's shared log sigma; :func:`sigma_vae_log_sigma` from one batch's tensors.
+    """
+    mse = sse / num_elements
     # An exactly zero error would give log 0 and an infinite gradient.
     log_sigma = 0.5 * mse.clamp_min(torch.finfo(mse.dtype).tiny).log()
     return _soft_clip_below(log_sigma, _SIGMA_VAE_MIN_LOG_SIGMA)
+
+
+def shared_sigma_nll(sse: torch.Tensor, log_sigma: torch.Tensor, num_voxels: int) -> torch.Tensor:
+    """Gaussian NLL with one sigma for every voxel, from the per-sample squared errors ``sse`` ``[B]``.
+
+    Per voxel 0.5 * ((x - x_hat) / sigma)^2 + log sigma + 0.5 log(2 pi), summed over the
+    ``num_voxels`` voxels of a sample and averaged over the batch, a scalar.
+    """
+    nll = 0.5 * sse * torch.exp(-2.0 * log_sigma) + num_voxels * (log_sigma + 0.5 * _LOG_2PI)
+    return nll.mean()
 
 
 def sigma_vae_log_sigma(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -144,21 +158,19 @@ def sigma_vae_log_sigma(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     current reconstructions, soft-clipped from below at -6 so that a near-perfect
     reconstruction cannot drive the NLL to minus infinity. Worth logging.
     """
-    return _optimal_log_sigma(_sum_squared_error(x_hat, x), x.numel())
+    return optimal_log_sigma(sum_squared_error(x_hat, x).sum(), x.numel())
 
 
 def sigma_vae_nll(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Gaussian NLL with the batch's optimal shared sigma (Rybkin et al. 2021), a scalar.
 
-    Per voxel 0.5 * ((x - x_hat) / sigma)^2 + log sigma + 0.5 log(2 pi), summed over voxels
-    and averaged over the batch, with log sigma as in :func:`sigma_vae_log_sigma`. The
-    gradient flows through sigma as in the reference code; at the optimum it is ~0 there.
+    :func:`shared_sigma_nll` with log sigma as in :func:`sigma_vae_log_sigma`. The gradient
+    flows through sigma as in the reference code; at the optimum it is ~0 there. Under DDP
+    sigma is a statistic of the global batch: :func:`vae.loss.compute_loss` all-reduces
+    the squared error and passes it to :func:`optimal_log_sigma`.
     """
-    sse = _sum_squared_error(x_hat, x)  # [B]
-    log_sigma = _optimal_log_sigma(sse, x.numel())
-    num_voxels = x[0].numel()
-    nll = 0.5 * sse * torch.exp(-2.0 * log_sigma) + num_voxels * (log_sigma + 0.5 * _LOG_2PI)
-    return nll.mean()
+    sse = sum_squared_error(x_hat, x)  # [B]
+    return shared_sigma_nll(sse, optimal_log_sigma(sse.sum(), x.numel()), x[0].numel())
 
 
 def _check_likelihood(likelihood: str) -> None:

@@ -250,6 +250,18 @@ def validate(
 # --------------------------------------------------------------------------- one epoch's report
 
 
+def reported_metrics(modalities: Sequence[str]) -> tuple[str, ...]:
+    """The numeric metrics every epoch reports, in the order :func:`epoch_metrics` reports them
+    (the two text values, ``status`` and ``diverged_term``, are left out): what sweep objectives,
+    stoppers and ASHA may name."""
+    return (
+        "epoch", "au", "kl_raw", "recon_mu", *DIAGNOSTIC_KEYS,
+        *(f"ssim/{name}" for name in modalities), *(f"psnr/{name}" for name in modalities),
+        *(f"train/{key}" for key in TRAIN_KEYS), "val/loss", "val/recon", *SCHEDULE_KEYS,
+        "grad_norm", "epoch_seconds", "volumes_per_second",
+    )
+
+
 def epoch_metrics(
     epoch: int,
     train: TrainPass,

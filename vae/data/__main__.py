@@ -23,8 +23,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m vae.data", description=__doc__.splitlines()[0])
+def build_parser(prog: str = "collapse-sweep data") -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def add_source(sub: argparse.ArgumentParser) -> None:
@@ -118,8 +118,8 @@ def run_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "collapse-sweep data") -> int:
+    args = build_parser(prog).parse_args(argv)
     command = {"check": run_check, "prepare": run_prepare, "phantom": run_phantom}[args.command]
     try:
         return command(args)

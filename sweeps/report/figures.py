@@ -1,9 +1,9 @@
-"""Pictures and one HTML page for a finished or partial sweep: ``<out_dir>/report/index.html``.
+"""Every picture of the sweep report, drawn with matplotlib figures (no pyplot, so no global figure state).
 
-Reads ``trials.csv`` (one row per trial), ``epochs.csv`` (one row per trial-epoch), each
-trial's ``recon_latest.png`` and, when given, the Optuna study. Only ``trials.csv`` is
-required: a picture whose inputs are missing or unusable is left out and the page says why,
-so the report of a sweep killed half-way shows whatever there is.
+Each function takes :class:`~sweeps.report.tables.Trial` records (and curves or the study)
+and returns a :class:`~matplotlib.figure.Figure`, or raises :class:`Skipped` saying why the
+picture cannot be drawn from what the sweep has written. Every picture colours a trial by
+its final status, the same colour everywhere (``STATUS_COLOURS``).
 
 Pictures (all in ``<out_dir>/report/``):
 
@@ -17,15 +17,9 @@ Pictures (all in ``<out_dir>/report/``):
 """
 from __future__ import annotations
 
-import csv
-import html
 import io
 import math
-from collections import Counter
-from dataclasses import dataclass
-from datetime import datetime, timezone
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import optuna
@@ -33,23 +27,17 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from vae.panels import LATEST_PANEL
-from vae.run_files import NONFINITE_SENTINEL, atomic_write
 
-from .outputs import EPOCHS_CSV, TRIALS_CSV
-from .selection import best_index, check_modes, pareto_front
+from ..outputs import EPOCHS_CSV, TRIALS_CSV
+from .tables import Curves, Objective, Skipped, Trial, front_trials, objective_values, to_float
 
-REPORT_DIR = "report"
-INDEX_HTML = "index.html"
 CURVES_PNG = "curves.png"
 PARETO_PNG = "pareto.png"
 IMPORTANCES_PNG = "importances.png"
 RECON_BEST_PNG = "recon_best.png"
 RECON_AUDITED_PNG = "recon_audited.png"
-# The sweep's best trial: best on the first objective, ties broken by the next (best.yaml's).
-BEST_HEADING = "Best trial (best.yaml)"
 PARAMS_PNG = "params.png"
 
-PARAM_PREFIX, FINAL_PREFIX, BEST_PREFIX = "param/", "final/", "best/"
 # Final trial statuses in the order the page lists them, with one colour each in every picture.
 STATUS_COLOURS = {
     "completed": "#2ca02c",
@@ -63,163 +51,19 @@ OTHER_STATUS_COLOUR = "#9467bd"
 # A parameter or objective spanning this ratio or more (all positive) is shown on a log axis.
 LOG_AXIS_RATIO = 100.0
 
-Objective = tuple[str, str]  # (metric, "min" | "max")
-Curves = dict[str, dict[str, np.ndarray]]  # trial_id -> {"epoch" | metric: [E]}
-
-
-class Skipped(Exception):
-    """A picture that cannot be drawn from what the sweep has written; its message goes in the page."""
-
-
-@dataclass(frozen=True)
-class Trial:
-    """One row of ``trials.csv``: parameters keep their text; metrics are floats, NaN when missing."""
-
-    trial_id: str
-    number: int | None
-    status: str
-    epochs: int | None
-    stop_reason: str
-    run_dir: Path | None
-    params: dict[str, str]
-    final: dict[str, float]
-    best: dict[str, float]
-    audited: bool
-
-    @property
-    def label(self) -> str:
-        return f"trial {self.number}" if self.number is not None else self.trial_id
-
-    def metric(self, name: str) -> float:
-        """``name`` as ``au`` or ``final/au`` (the final value) or ``best/au``; NaN when absent."""
-        if name.startswith(BEST_PREFIX):
-            return self.best.get(name.removeprefix(BEST_PREFIX), math.nan)
-        return self.final.get(name.removeprefix(FINAL_PREFIX), math.nan)
-
-
-# --------------------------------------------------------------------------- reading the tables
-
-
-def to_float(cell: str | None) -> float:
-    """A table cell as a float: NaN for an empty or non-numeric cell and for the non-finite sentinel."""
-    try:
-        value = float(cell)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return math.nan
-    # Runs report NaN/inf as +-NONFINITE_SENTINEL; drawn as a number it would flatten every axis.
-    return value if abs(value) < NONFINITE_SENTINEL else math.nan
-
-
-def to_int(cell: str | None) -> int | None:
-    value = to_float(cell)
-    return int(value) if math.isfinite(value) else None
-
-
-def to_bool(cell: str | None) -> bool:
-    return (cell or "").strip().lower() in {"1", "true", "t", "yes", "y"}
-
-
-def read_table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    """The header and rows of a CSV file (an empty file has neither); a missing trailing cell reads as ``""``."""
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        rows = [{key: value or "" for key, value in row.items() if key is not None} for row in reader]
-        return list(reader.fieldnames or []), rows
-
-
-def columns_with_prefix(row: dict[str, str], prefix: str) -> dict[str, str]:
-    return {key.removeprefix(prefix): value for key, value in row.items() if key.startswith(prefix)}
-
-
-def parse_trial(row: dict[str, str], out_dir: Path) -> Trial:
-    run_dir = row.get("run_dir", "").strip()
-    return Trial(
-        trial_id=row["trial_id"],
-        number=to_int(row.get("number")),
-        status=row["status"].strip() or "running",
-        epochs=to_int(row.get("epochs")),
-        stop_reason=row.get("stop_reason", ""),
-        run_dir=out_dir / run_dir if run_dir else None,  # an absolute run_dir stays as it is
-        params=columns_with_prefix(row, PARAM_PREFIX),
-        final={key: to_float(value) for key, value in columns_with_prefix(row, FINAL_PREFIX).items()},
-        best={key: to_float(value) for key, value in columns_with_prefix(row, BEST_PREFIX).items()},
-        audited=to_bool(row.get("audited")),
-    )
-
-
-def load_trials(out_dir: Path) -> list[Trial]:
-    """Every row of ``out_dir/trials.csv``; an empty file (a sweep killed before its first trial) gives ``[]``."""
-    path = out_dir / TRIALS_CSV
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: the sweep report is drawn from the sweep's trials table; pass the run "
-            f"directory of a sweep that has written {TRIALS_CSV}"
-        )
-    header, rows = read_table(path)
-    missing = {"trial_id", "status"} - set(header)
-    if header and missing:
-        raise ValueError(f"{path} has no column {sorted(missing)}: it is not a sweep trials table")
-    return [parse_trial(row, out_dir) for row in rows]
-
-
-def load_curves(path: Path, metrics: Sequence[str]) -> Curves:
-    """Per trial, ``epoch`` and ``metrics`` from ``epochs.csv`` as ``[E]`` arrays sorted by epoch.
-
-    A metric column the file lacks reads as NaN. Raises :class:`Skipped` when the file is
-    missing or has no ``trial_id``/``epoch`` column.
-    """
-    if not path.is_file():
-        raise Skipped(f"{path.name} not found (no trial has finished an epoch yet?)")
-    header, rows = read_table(path)
-    missing = {"trial_id", "epoch"} - set(header)
-    if header and missing:
-        raise Skipped(f"{path.name} has no column {sorted(missing)}")
-    grouped: dict[str, list[dict[str, str]]] = {}
-    for row in rows:
-        grouped.setdefault(row["trial_id"], []).append(row)
-    curves: Curves = {}
-    for trial_id, trial_rows in grouped.items():
-        table = np.array([[to_float(row.get(key)) for key in ("epoch", *metrics)] for row in trial_rows])
-        table = table[np.argsort(table[:, 0], kind="stable")]
-        curves[trial_id] = {key: table[:, i] for i, key in enumerate(("epoch", *metrics))}
-    return curves
-
-
-# --------------------------------------------------------------------------- selection
-
-
-def objective_values(trials: Sequence[Trial], metric: str) -> np.ndarray:
-    """``[N]`` final values of ``metric``, NaN where a trial has none."""
-    return np.array([trial.metric(metric) for trial in trials], dtype=float)
-
-
-def best_trial(trials: Sequence[Trial], objectives: Sequence[Objective]) -> Trial | None:
-    """The sweep's best trial, as ``best.yaml`` names it (:func:`sweeps.selection.best_index` over the
-    completed trials' final values)."""
-    completed = [t for t in trials if t.status == "completed"]
-    points = [[t.metric(metric) for metric, _ in objectives] for t in completed]
-    best = best_index(points, [mode for _, mode in objectives])
-    return None if best is None else completed[best]
-
-
-def front_trials(trials: Sequence[Trial], objectives: Sequence[Objective]) -> list[Trial]:
-    """The completed trials on the Pareto front of ``objectives``, in table order."""
-    completed = [t for t in trials if t.status == "completed"]
-    points = np.stack([objective_values(completed, metric) for metric, _ in objectives], axis=1)
-    return [completed[i] for i in pareto_front(points, [mode for _, mode in objectives])]
-
-
-# --------------------------------------------------------------------------- pictures
-
 
 def status_colour(status: str) -> str:
     return STATUS_COLOURS.get(status, OTHER_STATUS_COLOUR)
 
 
+def ordered_statuses(statuses: set[str]) -> list[str]:
+    """``statuses`` in the canonical order of ``STATUS_COLOURS``, unknown ones last (alphabetically)."""
+    return [s for s in STATUS_COLOURS if s in statuses] + sorted(statuses - set(STATUS_COLOURS))
+
+
 def status_handles(statuses: set[str]) -> list[Line2D]:
     """Legend entries for ``statuses``, in the canonical order, unknown ones last."""
-    ordered = [s for s in STATUS_COLOURS if s in statuses] + sorted(statuses - set(STATUS_COLOURS))
-    return [Line2D([], [], color=status_colour(s), marker="o", label=s) for s in ordered]
+    return [Line2D([], [], color=status_colour(s), marker="o", label=s) for s in ordered_statuses(statuses)]
 
 
 def is_log_like(values: np.ndarray) -> bool:
@@ -472,139 +316,3 @@ def panel_png(trial: Trial | None, role: str) -> bytes:
     return panel.read_bytes()
 
 
-# --------------------------------------------------------------------------- the page
-
-
-def cell(value: object) -> str:
-    if isinstance(value, float):
-        return "n/a" if math.isnan(value) else f"{value:.4g}"
-    return html.escape(str(value))
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    head = "".join(f"<th>{cell(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def status_section(trials: Sequence[Trial], study: optuna.Study | None) -> str:
-    counts = Counter(t.status for t in trials)
-    ordered = [s for s in STATUS_COLOURS if s in counts] + sorted(set(counts) - set(STATUS_COLOURS))
-    rows = [[status, counts[status]] for status in ordered] + [["total", len(trials)]]
-    out = f"<h2>Trials by status</h2>{table(['status', 'trials'], rows)}"
-    if study is not None:
-        states = Counter(trial.state.name for trial in study.get_trials(deepcopy=False))
-        out += f"<h3>Optuna study {cell(study.study_name)}</h3>{table(['state', 'trials'], sorted(states.items()))}"
-    return out
-
-
-def trial_section(heading: str, trial: Trial | None, missing: str) -> str:
-    """One trial's status, parameters, final and best metrics as a two-column table."""
-    if trial is None:
-        return f"<h2>{cell(heading)}</h2><p>{cell(missing)}</p>"
-    rows: list[list[object]] = [["trial", trial.label], ["trial_id", trial.trial_id], ["status", trial.status],
-                                ["epochs", trial.epochs if trial.epochs is not None else "n/a"],
-                                ["stop_reason", trial.stop_reason]]
-    rows += [[PARAM_PREFIX + name, value] for name, value in trial.params.items()]
-    rows += [[FINAL_PREFIX + name, value] for name, value in trial.final.items()]
-    rows += [[BEST_PREFIX + name, value] for name, value in trial.best.items()]
-    return f"<h2>{cell(heading)}</h2>{table(['', 'value'], rows)}"
-
-
-def front_section(front: Sequence[Trial], objectives: Sequence[Objective]) -> str:
-    names = list(dict.fromkeys(name for trial in front for name in trial.params))
-    header = ["trial", *(metric for metric, _ in objectives), *(PARAM_PREFIX + n for n in names)]
-    rows = [[t.label, *(t.metric(m) for m, _ in objectives), *(t.params.get(n, "") for n in names)] for t in front]
-    body = table(header, rows) if front else "<p>no completed trial with finite values of both objectives</p>"
-    return f"<h2>Pareto front (completed trials)</h2>{body}"
-
-
-def pictures_section(pictures: Sequence[tuple[str, str]]) -> str:
-    return "".join(
-        f'<figure><img src="{cell(name)}" alt="{cell(name)}"><figcaption>{cell(caption)}</figcaption></figure>'
-        for name, caption in pictures
-    )
-
-
-def notes_section(notes: Sequence[str]) -> str:
-    if not notes:
-        return ""
-    return "<h2>Left out</h2><ul>" + "".join(f"<li>{cell(note)}</li>" for note in notes) + "</ul>"
-
-
-def page(title: str, sections: Sequence[str]) -> str:
-    style = (
-        "body{font-family:sans-serif;margin:2em;max-width:1400px}"
-        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #bbb;padding:2px 8px;text-align:left}"
-        "img{max-width:100%}figure{margin:1.5em 0}figcaption{color:#444}"
-    )
-    return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{cell(title)}</title>"
-            f"<style>{style}</style></head><body><h1>{cell(title)}</h1>{''.join(sections)}</body></html>\n")
-
-
-# --------------------------------------------------------------------------- entry point
-
-
-def check_objectives(objectives: Sequence[Objective]) -> None:
-    if not 1 <= len(objectives) <= 2:
-        raise ValueError(f"the sweep report draws one or two objectives, got {len(objectives)}: {objectives}")
-    check_modes([mode for _, mode in objectives])
-
-
-def write_report(out_dir: Path, study: optuna.Study | None, objectives: list[tuple[str, str]]) -> Path:
-    """Write ``out_dir/report/`` (PNGs and ``index.html``) for the sweep in ``out_dir``; return the page's path.
-
-    ``objectives`` are ``[(metric, "min" | "max"), ...]``, one or two, named as in ``trials.csv``
-    (``au`` or ``final/au`` for the final value, ``best/au`` for the best). Every piece
-    except ``trials.csv`` may be missing: what cannot be drawn is listed in the page, and a
-    picture left from an earlier call that cannot be drawn now is removed.
-    """
-    out_dir = Path(out_dir)
-    check_objectives(objectives)
-    trials = load_trials(out_dir)
-    report = out_dir / REPORT_DIR
-    report.mkdir(exist_ok=True)
-    first = objectives[0][0]
-    best = best_trial(trials, objectives)
-    audited = next((t for t in trials if t.audited), None)
-    au_or_first = "au" if any("au" in t.final for t in trials) else first
-    pieces: list[tuple[str, str, Callable[[], bytes]]] = [
-        (CURVES_PNG, "Active units and KL_raw per epoch, one line per trial, coloured by final status; "
-                     "collapse is AU = 0 with KL_raw near 1 nat.",
-         lambda: figure_png(curves_figure(trials, load_curves(out_dir / EPOCHS_CSV, ("au", "kl_raw"))))),
-        (PARETO_PNG, "Final objective values per trial" + (" and the Pareto front of the completed trials."
-                                                            if len(objectives) == 2 else " and the best so far."),
-         lambda: figure_png(objectives_figure(trials, objectives))),
-        (IMPORTANCES_PNG, "Optuna fANOVA parameter importances per objective (completed trials).",
-         lambda: figure_png(importances_figure(param_importances(study, objectives)))),
-        (RECON_BEST_PNG, "Last reconstruction panel of the best trial"
-                         + (f" ({best.label})" if best else "") + ": input, x_hat(mu), x_hat(z), x_hat(0).",
-         lambda: panel_png(best, "best trial")),
-        (RECON_AUDITED_PNG, "Last reconstruction panel of the audited configuration"
-                            + (f" ({audited.label})" if audited else "") + "; x_hat(mu) = x_hat(0) is collapse.",
-         lambda: panel_png(audited, "audited trial")),
-        (PARAMS_PNG, f"Final {au_or_first} against each parameter, coloured by status.",
-         lambda: figure_png(params_figure(trials, au_or_first))),
-    ]
-    pictures, notes = [], []
-    for name, caption, make in pieces:
-        try:
-            atomic_write(report / name, make())
-            pictures.append((name, caption))
-        except Skipped as why:
-            notes.append(f"{name}: {why}")
-            (report / name).unlink(missing_ok=True)  # an older picture would contradict the page
-    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    sections = [
-        f"<p>{cell(str(out_dir))}, generated {generated}; objectives: "
-        + ", ".join(cell(axis_label(o)) for o in objectives) + "</p>",
-        status_section(trials, study),
-        trial_section(BEST_HEADING, best, "no completed trial has finite objectives"),
-        front_section(front_trials(trials, objectives), objectives) if len(objectives) == 2 else "",
-        trial_section("Audited configuration", audited, "no trial is marked audited"),
-        pictures_section(pictures),
-        notes_section(notes),
-    ]
-    index = report / INDEX_HTML
-    atomic_write(index, page(f"Sweep report: {out_dir.name}", sections).encode())
-    return index
