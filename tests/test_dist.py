@@ -6,6 +6,7 @@ ranks, and the gradients that DDP averages must equal the single-process gradien
 same loss - which holds only if the gather and the sum keep the gradient of the other
 rank's slice.
 """
+import gc
 import os
 
 import pytest
@@ -86,7 +87,12 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             result = _statistics_and_grads(model, x[local], eps[local], objective)
             result["grads"] = {n.removeprefix("module."): g for n, g in result["grads"].items()}
             results[name] = result
+            del model, result
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Let gloo's threads finish and free their work (which needs the GIL) before the group goes:
+        # destroyed while the main thread holds the GIL, it would wait for them forever.
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -15,7 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .cache import Manifest, atomic_write
+from vae.run_files import atomic_write
+
+from .cache import Manifest
 from .discovery import DataError
 
 
