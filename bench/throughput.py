@@ -269,7 +269,7 @@ def fresh_processes() -> multiprocessing.context.BaseContext:
     """Processes forked from a server that has imported torch and the training code and run nothing:
     each case starts clean (no CUDA context, no thread pool) without paying those imports again."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "vae.train", "vae.data.dataset"])  # by name: "__main__" is not honoured
+    context.set_forkserver_preload(["torch", "vae.training", "vae.data.dataset"])  # by name: "__main__" is not honoured
     return context
 
 
