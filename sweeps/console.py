@@ -2,6 +2,7 @@
 
     collapse-sweep run dip_sbd --smoke                  # a sweep (the same as python sweeps/run.py)
     collapse-sweep train exp2_dipvae_sbd --epochs 5     # one experiment through the trainable
+    collapse-sweep evaluate results/dip_sbd/RUN/trials/trial-0003   # what a trained code carries
     collapse-sweep data check /data/BraTS2021           # the data tools: check, prepare, phantom
     collapse-sweep cluster cluster.yaml                 # a Ray cluster file, checked offline
     collapse-sweep demo                                 # collapse against a likelihood in the right units
@@ -18,6 +19,7 @@ from typing import Sequence
 COMMANDS = {
     "run": ("sweeps.run", "run or resume a sweep"),
     "train": ("trainables.single_run", "train one experiment through the sweep's trainable"),
+    "evaluate": ("vae.evaluate", "score a trained run by what its code carries (evaluation.json)"),
     "data": ("vae.data.__main__", "check, prepare or generate data (check | prepare | phantom)"),
     "cluster": ("trainables.cluster", "check Ray cluster-launcher files offline"),
     "demo": ("vae.demo", "the audited collapse against a likelihood in the right units"),

@@ -35,7 +35,7 @@ from vae.data import (
 from helpers import (
     BAD_INPUTS, CHANNELS, REPO, SHAPE, brain, make_bad, modality_path, ras_affine, save, write_subject,
 )
-from vae.data.cache import MANIFEST
+from vae.data.cache import FACTORS_CSV, MANIFEST
 
 SMALL = PreprocessParams(size=16)
 
@@ -225,7 +225,9 @@ def test_each_bad_input_is_reported_against_its_file_and_blocks_prepare(tmp_path
 
     manifest = prepare(tmp_path / "raw", tmp_path / "cache", SMALL, skip_bad=True)
     assert manifest.subject_ids == ["good"] and list(manifest.skipped) == ["bad"]
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["good.json", "good.npy", MANIFEST]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(
+        [FACTORS_CSV, "good.json", "good.npy", "good.seg.npy", MANIFEST]  # the subject has a segmentation
+    )
 
 
 def test_an_empty_directory_is_a_problem(tmp_path):
@@ -330,7 +332,8 @@ def test_an_interrupted_run_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         prepare(raw, cache, PreprocessParams(size=8))
     # The old arrays are intact, no temporary file is left, and no manifest claims the new params.
-    assert sorted(p.name for p in cache.iterdir()) == ["s0.json", "s0.npy", "s1.json", "s1.npy"]
+    assert sorted(p.name for p in cache.iterdir()) == ["s0.json", "s0.npy", "s0.seg.npy", "s1.json", "s1.npy",
+                                                       "s1.seg.npy"]
     assert np.load(cache / "s0.npy").shape == (4, 16, 16, 16)
 
     monkeypatch.undo()

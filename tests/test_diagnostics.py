@@ -19,6 +19,8 @@ from vae.evaluation.diagnostics import (
     ValidationAccumulator,
     active_units,
     active_units_from_variance,
+    aggregate_posterior_kl,
+    channel_capacity,
     decoder_sensitivity,
     max_offdiag_correlation,
     mutual_information,
@@ -122,6 +124,11 @@ def numpy_reference(samples: dict[str, np.ndarray], floor: float, mode: str, see
         kl_constrained = np.maximum(kl_mean, floor).sum()
     else:
         kl_constrained = np.maximum(kl, floor).sum(axis=1).mean()
+    sigma2 = np.exp(logvar).mean(axis=0)
+    capacity = 0.5 * np.log(1 + mu_var / sigma2)
+    # the aggregate posterior's Gaussian against N(0, I), by the textbook formula in float64
+    cov = np.cov(mu, rowvar=False) + np.diag(sigma2)
+    prior_kl = 0.5 * (np.trace(cov) + mu.mean(0) @ mu.mean(0) - Z_DIM - np.log(np.linalg.det(cov)))
     return {
         "au": float((mu_var > 0.01).sum()),
         "au_fraction": float((mu_var > 0.01).mean()),
@@ -133,6 +140,9 @@ def numpy_reference(samples: dict[str, np.ndarray], floor: float, mode: str, see
         "z_std": np.sqrt(z.var(axis=0, ddof=1).mean()),
         "mu_var_per_dim": mu_var,
         "mu_var_mean": mu_var.mean(),
+        "channel_nats": capacity.sum(),
+        "channel_nats_per_dim": capacity,
+        "prior_kl": prior_kl,
         "recon_mu": ((s["x_hat_mu"] - x) ** 2).mean(),
         "recon_zero": ((s["x_hat_zero"] - x) ** 2).mean(),
         "recon_mu_vs_z": ((s["x_hat_mu"] - s["x_hat_z"]) ** 2).mean(),
@@ -382,10 +392,11 @@ def test_image_quality_is_scored_on_the_first_volumes_only():
 
 def test_accumulator_keys_are_plain_finite_floats():
     result = accumulate(split(SAMPLES, BATCH_SIZES))
-    lists = {"kl_per_dim", "mu_var_per_dim", "ssim", "psnr"}
+    lists = {"kl_per_dim", "mu_var_per_dim", "channel_nats_per_dim", "ssim", "psnr"}
     assert set(result) == {
         "au", "au_fraction", "kl_raw", "kl_per_dim", "kl_per_dim_max", "kl_constrained", "logvar_mean",
-        "z_std", "mu_var_per_dim", "mu_var_mean", "recon_mu", "recon_zero", "recon_mu_vs_z",
+        "z_std", "mu_var_per_dim", "mu_var_mean", "channel_nats", "channel_nats_per_dim", "prior_kl",
+        "recon_mu", "recon_zero", "recon_mu_vs_z",
         "z_sensitivity", "mi", "mi_pairs", "mu_max_offdiag_corr", "ssim", "psnr", "ssim_mean", "psnr_mean",
     }
     for key, value in result.items():
@@ -473,3 +484,31 @@ def test_reduce_across_two_gloo_ranks_equals_one_process(tmp_path):
         assert result["small_pool"]["mi_pairs"] == 8.0
     # Every rank holds the same merged pool, so the same MI.
     assert ranks[0]["small_pool"] == ranks[1]["small_pool"]
+
+
+# ---------------------------------------------------------------------------- channel capacity and the prior
+
+
+def test_channel_capacity_is_zero_when_closed_and_scale_free():
+    sigma2 = torch.tensor([1.0, 1.0, 0.0025, 4.0], dtype=torch.float64)
+    mu_var = torch.tensor([0.0, 3.0, 0.005, 12.0], dtype=torch.float64)
+    capacity = channel_capacity(mu_var, sigma2)
+    assert capacity.tolist() == pytest.approx([0.0, 0.5 * math.log(4.0), 0.5 * math.log(3.0), 0.5 * math.log(4.0)])
+    # AU's fixed 0.01 misses the third dimension (Var(mu) 0.005) that carries 0.55 nats
+    assert active_units_from_variance(mu_var) == 2 and capacity[2] > 0.5
+    with pytest.raises(ValueError, match="positive"):
+        channel_capacity(mu_var, torch.zeros(4, dtype=torch.float64))
+
+
+def test_aggregate_posterior_kl_by_hand():
+    assert aggregate_posterior_kl(torch.zeros(3), torch.eye(3)) == pytest.approx(0.0, abs=1e-12)
+    # one dim with variance 4, another with mean 2: 0.5 (4 - 1 - log 4) + 0.5 * 2^2
+    mean, cov = torch.tensor([0.0, 2.0, 0.0]), torch.diag(torch.tensor([4.0, 1.0, 1.0]))
+    assert aggregate_posterior_kl(mean, cov) == pytest.approx(0.5 * (3 - math.log(4.0)) + 2.0)
+    # only the first two moments count: sharp posteriors (sigma^2 1e-4) spread with Var(mu) 1 match them
+    assert aggregate_posterior_kl(torch.zeros(2), torch.diag(torch.tensor([1.0001, 1.0001]))) < 1e-3
+    # ... while Var(mu) 6.9, as an autoencoder's code drifts, does not
+    assert aggregate_posterior_kl(torch.zeros(1), torch.tensor([[6.9]])) == pytest.approx(0.5 * (5.9 - math.log(6.9)))
+    with pytest.raises(ValueError, match="positive definite"):
+        aggregate_posterior_kl(torch.zeros(2), torch.diag(torch.tensor([1.0, -1.0])))
+

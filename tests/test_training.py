@@ -32,8 +32,8 @@ MODALITIES = ["t1c", "t2f"]
 EXPECTED_KEYS = [
     "epoch", "au", "kl_raw", "recon_mu", "status",
     "au_fraction", "kl_constrained", "kl_per_dim_max", "mi", "recon_zero", "z_sensitivity", "recon_mu_vs_z",
-    "mu_var_mean", "logvar_mean", "z_std", "mu_max_offdiag_corr", "ssim_mean", "psnr_mean",
-    "ssim/t1c", "ssim/t2f", "psnr/t1c", "psnr/t2f",
+    "mu_var_mean", "channel_nats", "prior_kl", "logvar_mean", "z_std", "mu_max_offdiag_corr", "ssim_mean",
+    "psnr_mean", "ssim/t1c", "ssim/t2f", "psnr/t1c", "psnr/t2f",
     "train/loss", "train/recon", "train/kl_raw", "train/kl_constrained", "train/dip_penalty", "train/tc",
     "val/loss", "val/recon", "kl_weight", "dip_weight", "tc_weight", "capacity",
     "grad_norm", "epoch_seconds", "volumes_per_second", "diverged_term",

@@ -55,11 +55,17 @@ def reconstruction_panel(
     return fig
 
 
+def figure_png(fig: Figure) -> bytes:
+    """``fig`` as PNG bytes (100 dpi), for an atomic write."""
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    return png.getvalue()
+
+
 def save_panel(fig: Figure, run_dir: Path, epoch: int) -> Path:
     """Write ``run_dir/recon_epoch{epoch:04d}.png`` and the same image as ``recon_latest.png``."""
     path = run_dir / f"recon_epoch{epoch:04d}.png"
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
-    atomic_write(path, png.getvalue())
-    atomic_write(run_dir / LATEST_PANEL, png.getvalue())
+    png = figure_png(fig)
+    atomic_write(path, png)
+    atomic_write(run_dir / LATEST_PANEL, png)
     return path

@@ -38,8 +38,11 @@ from vae.run_files import (
 # Reported per epoch after the diagnostics named first, in this order.
 DIAGNOSTIC_KEYS = (
     "au_fraction", "kl_constrained", "kl_per_dim_max", "mi", "recon_zero", "z_sensitivity", "recon_mu_vs_z",
-    "mu_var_mean", "logvar_mean", "z_std", "mu_max_offdiag_corr", "ssim_mean", "psnr_mean",
+    "mu_var_mean", "channel_nats", "prior_kl", "logvar_mean", "z_std", "mu_max_offdiag_corr", "ssim_mean",
+    "psnr_mean",
 )
+# Per latent dimension, written to latents.jsonl.
+LATENT_KEYS = ("kl_per_dim", "mu_var_per_dim", "channel_nats_per_dim")
 TRAIN_KEYS = ("loss", "recon", "kl_raw", "kl_constrained", "dip_penalty", "tc")
 SCHEDULE_KEYS = ("kl_weight", "dip_weight", "tc_weight", "capacity")
 # Per-step values in the order a divergence is looked for: the first non-finite one names it.
@@ -195,6 +198,7 @@ def train_epoch(
 class ValidationPass:
     metrics: dict  # ValidationAccumulator.result() plus val/loss, val/recon and SCHEDULE_KEYS
     example: tuple[torch.Tensor, ...] | None  # x, x_hat(mu), x_hat(z), x_hat(0) of the first volume, [C, D, H, W]
+    posteriors: tuple[torch.Tensor, torch.Tensor] | None = None  # mu, logvar [N, z_dim] in batch order (CPU)
 
 
 @torch.no_grad()
@@ -207,13 +211,15 @@ def validate(
     dataset_size: int,
     precision: Precision = Precision(),
     keep_example: bool = False,
+    keep_posteriors: bool = False,
 ) -> ValidationPass:
     """One pass over ``batches`` ``[B, C, D, H, W]`` filling the diagnostics, reduced across ranks.
 
     The same pass computes the training objective of ``x_hat(z)`` at the schedules'
     ``epoch`` (``val/loss``, ``val/recon``, batch-size weighted) and records the
     schedule weights in force there (``capacity`` 0 when capacity annealing is off).
-    With ``keep_example`` the first volume and its decodings come back on the CPU.
+    With ``keep_example`` the first volume and its decodings come back on the CPU; with
+    ``keep_posteriors`` every volume's ``mu`` and ``logvar``, in the order of ``batches``.
     """
     vae = unwrap(model)
     vae.eval()
@@ -221,7 +227,7 @@ def validate(
     fb = cfg.objective.free_bits
     acc = ValidationAccumulator(cfg.model.z_dim, free_bits_floor=fb.floor, free_bits_mode=fb.mode, seed=cfg.train.seed)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * B, recon * B, B
-    example, terms, template = None, None, None
+    example, terms, template, kept = None, None, None, []
     for batch in batches:
         x = _volumes(batch, device)
         with precision.autocast(device):
@@ -239,12 +245,15 @@ def validate(
         sums += torch.stack([terms.total.double(), terms.recon.double(), sums.new_ones(())]) * len(x)
         if keep_example and example is None:
             example = tuple(t[0].float().cpu() for t in (x, x_hat_mu, x_hat_z, x_hat_zero))
+        if keep_posteriors:
+            kept.append((mu.float().cpu(), logvar.float().cpu()))
     acc.reduce()  # raises on every rank alike when some rank had no batch
     loss, recon, count = all_reduce_sum(sums).tolist()
     schedule = terms.scalars()
     metrics = acc.result() | {"val/loss": loss / count, "val/recon": recon / count}
     metrics |= {key: schedule.get(key, 0.0) for key in SCHEDULE_KEYS}
-    return ValidationPass(metrics, example)
+    posteriors = tuple(torch.cat(parts) for parts in zip(*kept)) if kept else None
+    return ValidationPass(metrics, example, posteriors)
 
 
 # --------------------------------------------------------------------------- one epoch's report
@@ -374,7 +383,7 @@ def _resume(
 def _write_epoch(run_dir: Path, cfg: ExperimentConfig, metrics: dict, val: ValidationPass, draw: bool) -> None:
     """The chief's files of one epoch: a row of epochs.csv, a line of latents.jsonl, maybe a panel."""
     append_csv_row(run_dir / EPOCHS_CSV, metrics)
-    latents = {key: [finite(v) for v in val.metrics[key]] for key in ("kl_per_dim", "mu_var_per_dim")}
+    latents = {key: [finite(v) for v in val.metrics[key]] for key in LATENT_KEYS}
     append_json_line(run_dir / LATENTS_JSONL, {"epoch": metrics["epoch"], **latents})
     if draw:
         title = (

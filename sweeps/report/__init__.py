@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 import optuna
 
+from vae.panels import figure_png
 from vae.run_files import atomic_write
 
 from ..outputs import EPOCHS_CSV
@@ -30,7 +31,6 @@ from .figures import (
     RECON_AUDITED_PNG,
     RECON_BEST_PNG,
     curves_figure,
-    figure_png,
     importances_figure,
     kl_scale,
     objectives_figure,

@@ -17,7 +17,6 @@ Pictures (all in ``<out_dir>/report/``):
 """
 from __future__ import annotations
 
-import io
 import math
 from typing import Sequence
 
@@ -81,12 +80,6 @@ def kl_scale(values: np.ndarray) -> tuple[str, dict[str, float]]:
     if positive.size == finite.size:
         return "log", {}
     return "symlog", {"linthresh": float(positive.min())}
-
-
-def figure_png(fig: Figure) -> bytes:
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
-    return png.getvalue()
 
 
 def curves_figure(trials: Sequence[Trial], curves: Curves) -> Figure:

@@ -47,6 +47,9 @@ def build_parser(prog: str = "collapse-sweep data") -> argparse.ArgumentParser:
     sub.add_argument("--spacing", type=float, nargs="+", default=[1.0], help="output voxel size in mm (mode spacing)")
     sub.add_argument("--clip", type=float, default=5.0, help="clip z-scores to [-clip, clip] (default 5)")
     sub.add_argument("--skip-bad", action="store_true", help="leave bad subjects out instead of failing")
+    sub.add_argument("--factors", type=Path, metavar="CSV",
+                     help="factors to add or override: a 'subject' column and numeric columns (e.g. a phantom's "
+                          "factors.csv); the segmentations' factors are recorded anyway")
     sub.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sub = commands.add_parser("phantom", help="write a BraTS-named phantom data set with known factors")
@@ -93,7 +96,8 @@ def run_check(args: argparse.Namespace) -> int:
 def run_prepare(args: argparse.Namespace) -> int:
     spacing = args.spacing * 3 if len(args.spacing) == 1 else args.spacing
     params = PreprocessParams(args.size, args.mode, tuple(spacing), args.clip, tuple(args.modalities))
-    manifest = prepare(args.root, args.out, params, args.workers, args.skip_bad, progress=not args.quiet)
+    manifest = prepare(args.root, args.out, params, args.workers, args.skip_bad, progress=not args.quiet,
+                       factors_csv=args.factors)
     for subject_id, problems in manifest.skipped.items():
         for problem in problems:
             print(f"skipped {subject_id}: {problem}", file=sys.stderr)
@@ -102,6 +106,9 @@ def run_prepare(args: argparse.Namespace) -> int:
         f"{len(manifest.entries)} subjects in {args.out / MANIFEST} ({built} prepared, {len(manifest.reused)} reused, "
         f"{len(manifest.skipped)} skipped); shape {list(manifest.shape)}, params {manifest.params.hash}"
     )
+    if manifest.without_factors:
+        print(f"note: {len(manifest.without_factors)} subject(s) have neither a segmentation nor a row of "
+              f"--factors (e.g. {manifest.without_factors[0]}): no tumour factors to evaluate a code against")
     return 0
 
 

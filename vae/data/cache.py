@@ -3,8 +3,11 @@
 Layout of a cache directory::
 
     <id>.npy        float16 C-contiguous [C, N, N, N], one per subject
-    <id>.json       the entry: params hash, source files (path, size, mtime_ns), geometry, stats
+    <id>.seg.npy    uint8 [N, N, N]: its segmentation in the same frame (subjects with one)
+    <id>.json       the entry: params hash, source files (path, size, mtime_ns), geometry, stats,
+                    and the segmentation's factors (vae.data.subject_factors)
     manifest.json   the preprocessing parameters, their hash and every entry; written last
+    factors.csv     every subject's factors: the segmentation's, and those of --factors CSV
 
 Every file is written to a temporary file in the same directory and moved into place with
 ``os.replace``, so a reader never sees half a file. The per-subject JSON is written after
@@ -15,7 +18,10 @@ the files beside it. One writer per cache directory at a time.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
+import math
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -27,9 +33,14 @@ from vae.run_files import atomic_write, is_temporary
 
 from .checks import check_subject, map_subjects
 from .discovery import DataError, Problem, Subject, scan
-from .preprocess import PreprocessParams, preprocess_subject
+from .preprocess import Geometry, PreprocessParams, preprocess_subject
+from .subject_factors import (
+    SUBJECT_COLUMN, Factors, load_labels, merge_factors, read_factor_table, resample_labels, seg_factors,
+)
 
 MANIFEST = "manifest.json"
+FACTORS_CSV = "factors.csv"
+SEG_SUFFIX = ".seg.npy"
 FORMAT_VERSION = 1
 
 
@@ -38,10 +49,20 @@ class Manifest:
     """The contents of ``manifest.json``: what every cached array is and where it came from."""
 
     params: PreprocessParams
-    entries: dict[str, dict[str, Any]]  # subject id -> {"file", "sources", "seg", "info"}
+    entries: dict[str, dict[str, Any]]  # subject id -> {"file", "sources", "seg", "info", "factors"}
     skipped: dict[str, list[str]] = field(default_factory=dict)  # subject id -> its problems
     root: str = ""  # the discovered source, for the record
+    factors_csv: str | None = None  # the table whose factors were merged in (prepare --factors)
     reused: list[str] = field(default_factory=list, compare=False)  # this run only; not saved
+
+    @property
+    def factors(self) -> Factors:
+        """Subject id -> its factors (empty for a subject without segmentation or table row)."""
+        return {subject: dict(entry.get("factors") or {}) for subject, entry in self.entries.items()}
+
+    @property
+    def without_factors(self) -> list[str]:
+        return [subject for subject, factors in self.factors.items() if not factors]
 
     @property
     def subject_ids(self) -> list[str]:
@@ -62,6 +83,7 @@ class Manifest:
             "dtype": "float16",
             "subjects": self.entries,
             "skipped": self.skipped,
+            "factors_csv": self.factors_csv,
         }
 
     @classmethod
@@ -76,7 +98,8 @@ class Manifest:
             data = json.loads(path.read_text())
             if data.get("format") != FORMAT_VERSION:
                 raise ValueError(f"format {data.get('format')!r}, expected {FORMAT_VERSION}")
-            return cls(PreprocessParams.from_dict(data["params"]), data["subjects"], data["skipped"], data["root"])
+            return cls(PreprocessParams.from_dict(data["params"]), data["subjects"], data["skipped"], data["root"],
+                       data.get("factors_csv"))
         except (ValueError, KeyError, TypeError) as err:
             raise DataError(f"unreadable manifest ({err}); prepare the cache again", path) from None
 
@@ -93,6 +116,7 @@ def prepare(
     workers: int = 1,
     skip_bad: bool = False,
     progress: bool = False,
+    factors_csv: str | Path | None = None,
 ) -> Manifest:
     """Preprocess every subject under ``root`` into the cache directory ``out``; return its manifest.
 
@@ -100,21 +124,27 @@ def prepare(
     reused untouched; the others are checked (:func:`~vae.data.checks.check_subject`) and then
     preprocessed in ``workers`` processes. Any problem raises :class:`DataError` listing every
     one, before anything is written -- unless ``skip_bad``, which leaves those subjects out and
-    records them under ``skipped``.
+    records them under ``skipped``. ``factors_csv`` (:func:`~vae.data.subject_factors.read_factor_table`)
+    adds factors to the segmentations' or overrides them; a table that names no subject of
+    ``root`` is refused before anything is written.
     """
     out = Path(out)
+    extra = read_factor_table(factors_csv) if factors_csv is not None else None
     subjects, todo, problems = _checked(root, out, params, workers, progress)
     _raise_unless_skippable(problems, skip_bad, "nothing was written")
     bad = {p.subject for p in problems}
     subjects, todo = ([s for s in group if s.id not in bad] for group in (subjects, todo))
     if not subjects:
         raise DataError("\n".join([str(p) for p in problems] + [f"{root}: every subject has a problem"]))
+    if extra is not None:
+        merge_factors({}, extra, [s.id for s in subjects], factors_csv)  # refuses a table for other data
 
     out.mkdir(parents=True, exist_ok=True)
     for stray in filter(is_temporary, out.iterdir()):  # left by a killed run
         stray.unlink(missing_ok=True)
-    if todo:
-        (out / MANIFEST).unlink(missing_ok=True)  # it would describe files about to change
+    if todo:  # the manifest and the factor table would describe files about to change
+        (out / MANIFEST).unlink(missing_ok=True)
+        (out / FACTORS_CSV).unlink(missing_ok=True)
     results = map_subjects(partial(_build_entry, params=params, out=out), todo, workers, "prepare", progress)
     failed = [r for r in results if isinstance(r, Problem)]
     _raise_unless_skippable(failed, skip_bad, "the entries of the other subjects are kept; run again to finish")
@@ -125,17 +155,36 @@ def prepare(
     for problem in problems:
         skipped.setdefault(problem.subject, []).append(str(problem))
     built = {s.id for s in todo}
+    entries = {s.id: _entry(out, s.id) for s in subjects if s.id not in bad}
+    if extra is not None:
+        merged = merge_factors({i: e.get("factors") or {} for i, e in entries.items()}, extra, entries, factors_csv)
+        entries = {i: {**e, "factors": merged[i]} for i, e in entries.items()}
     manifest = Manifest(
-        params,
-        entries={s.id: _entry(out, s.id) for s in subjects if s.id not in bad},
-        skipped=skipped,
-        root=str(Path(root).resolve()),
+        params, entries=entries, skipped=skipped, root=str(Path(root).resolve()),
+        factors_csv=None if factors_csv is None else str(Path(factors_csv).resolve()),
         reused=[s.id for s in subjects if s.id not in built],
     )
-    text = _json_bytes(manifest.to_json())
-    if todo or not (out / MANIFEST).is_file() or (out / MANIFEST).read_bytes() != text:
-        atomic_write(out / MANIFEST, text)  # an up-to-date cache is left untouched
+    if any(manifest.factors.values()):
+        _write_if_changed(out / FACTORS_CSV, _factor_table_bytes(manifest.factors), force=bool(todo))
+    _write_if_changed(out / MANIFEST, _json_bytes(manifest.to_json()), force=bool(todo))
     return manifest
+
+
+def _write_if_changed(path: Path, data: bytes, force: bool) -> None:
+    """Write ``data`` unless ``path`` holds it already: an up-to-date cache is left untouched."""
+    if force or not path.is_file() or path.read_bytes() != data:
+        atomic_write(path, data)
+
+
+def _factor_table_bytes(factors: Factors) -> bytes:
+    """``factors.csv``: a subject column and one column per factor name (empty where undefined)."""
+    names = sorted({name for row in factors.values() for name in row})
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow([SUBJECT_COLUMN, *names])
+    for subject, row in factors.items():
+        writer.writerow([subject, *("" if math.isnan(v := row.get(name, math.nan)) else repr(v) for name in names)])
+    return text.getvalue().encode()
 
 
 def check_pending(root: str | Path, out: str | Path, params: PreprocessParams) -> None:
@@ -160,9 +209,9 @@ def _checked(
 
 
 def source_record(subject: Subject) -> dict[str, dict[str, Any]]:
-    """``{modality: {"path", "size", "mtime_ns"}}``: what decides whether a cache entry is stale."""
+    """``{modality or "seg": {"path", "size", "mtime_ns"}}``: what decides whether a cache entry is stale."""
     record = {}
-    for modality, path in subject.paths.items():
+    for modality, path in subject.files().items():
         stat = path.stat()
         record[modality] = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     return record
@@ -173,6 +222,7 @@ def _build_entry(subject: Subject, params: PreprocessParams, out: Path) -> dict 
     sources = source_record(subject)  # before reading: a file changed meanwhile looks stale next time
     try:
         array, _, info = preprocess_subject(subject, params)
+        labels = load_labels(subject.seg) if subject.seg is not None else None
     except DataError as err:
         return Problem(Path(err.path or subject.directory), err.reason, subject.id)
     atomic_write(out / f"{subject.id}.npy", lambda f: np.save(f, array, allow_pickle=False))
@@ -182,6 +232,11 @@ def _build_entry(subject: Subject, params: PreprocessParams, out: Path) -> dict 
         "seg": str(subject.seg.resolve()) if subject.seg else None,
         "info": info,
     }
+    if labels is not None:
+        geometry = Geometry.from_info(info, params.size)
+        cube = resample_labels(labels, geometry)
+        atomic_write(out / f"{subject.id}{SEG_SUFFIX}", lambda f: np.save(f, cube, allow_pickle=False))
+        entry["factors"] = seg_factors(labels, geometry)
     atomic_write(out / f"{subject.id}.json", _json_bytes(entry))
     return entry
 

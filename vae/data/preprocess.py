@@ -32,7 +32,7 @@ from scipy import ndimage
 from .checks import grid_mismatch, read_nifti, reading, shape_problem
 from .discovery import MODALITIES, DataError, Subject, canonical_modalities
 
-PIPELINE_VERSION = 1  # bump when the maths below changes: it invalidates every cache entry
+PIPELINE_VERSION = 2  # bump when the maths below or a cache entry changes: it invalidates every cache entry
 
 
 @dataclass(frozen=True)
@@ -72,27 +72,74 @@ class PreprocessParams:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """Where a subject's source voxels land in its cube: output voxel ``j`` (per axis) samples the
+    source at voxel index ``lo + offset + step * j`` (RAS order); ``lo:hi`` is the brain's box."""
+
+    lo: tuple[int, int, int]
+    hi: tuple[int, int, int]
+    source_voxel_mm: tuple[float, float, float]
+    output_voxel_mm: tuple[float, float, float]
+    size: int
+
+    @staticmethod
+    def fit(lo: np.ndarray, hi: np.ndarray, voxel_mm: np.ndarray, params: PreprocessParams) -> Geometry:
+        """The geometry ``params`` asks for, for a brain in the source box ``lo:hi``."""
+        extent_mm = (hi - lo) * voxel_mm
+        out_mm = np.full(3, extent_mm.max() / params.size) if params.mode == "fit" else np.asarray(params.spacing)
+        return Geometry(*(tuple(v.tolist()) for v in (lo, hi, voxel_mm, out_mm)), params.size)
+
+    @staticmethod
+    def from_info(info: dict[str, Any], size: int) -> Geometry:
+        """The geometry recorded in a cache entry's ``info`` (see :func:`preprocess_subject`)."""
+        lo, hi = info["bbox_ras_voxels"]
+        return Geometry(tuple(lo), tuple(hi), tuple(info["source_voxel_mm"]), tuple(info["output_voxel_mm"]), size)
+
+    @property
+    def box(self) -> tuple[slice, ...]:
+        return tuple(slice(a, b) for a, b in zip(self.lo, self.hi))
+
+    @property
+    def step(self) -> np.ndarray:
+        """Source voxels per output voxel, per axis."""
+        return np.asarray(self.output_voxel_mm) / np.asarray(self.source_voxel_mm)
+
+    @property
+    def offset(self) -> np.ndarray:
+        """Box index sampled by output voxel 0: the cube is centred on the box."""
+        return (np.asarray(self.hi) - np.asarray(self.lo) - 1) / 2 - self.step * (self.size - 1) / 2
+
+    @property
+    def source_voxel_volume(self) -> float:
+        return float(np.prod(self.source_voxel_mm))
+
+    @property
+    def output_voxel_volume(self) -> float:
+        return float(np.prod(self.output_voxel_mm))
+
+    def to_output_index(self, source_index: np.ndarray) -> np.ndarray:
+        """Source voxel indices ``[..., 3]`` as (fractional) indices of the output cube."""
+        return (np.asarray(source_index) - np.asarray(self.lo) - self.offset) / self.step
+
+
 def preprocess_subject(subject: Subject, params: PreprocessParams) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """The subject's modalities as one normalised cube.
 
     Returns ``(array, mask, info)``: ``array`` float16 ``[C, N, N, N]`` (C = len(params.modalities),
     RAS axis order, z-scored inside the mask, clipped, background exactly 0), ``mask`` bool
     ``[N, N, N]`` (output voxels more than half inside the brain, where any modality is nonzero)
-    and ``info``, a JSON-ready record of the geometry and of each channel's z-score mean and std.
+    and ``info``, a JSON-ready record of the geometry (:meth:`Geometry.from_info`) and of each
+    channel's z-score mean and std.
     """
     volumes, voxel_mm, axcodes = load_canonical(subject, params.modalities)
     brain = np.logical_or.reduce([v != 0 for v in volumes])  # [X, Y, Z]
     if not brain.any():
         raise DataError("every modality is zero; remove the subject", subject.directory)
-    lo, hi = bounding_box(brain)
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    extent_mm = (hi - lo) * voxel_mm
-    out_mm = np.full(3, extent_mm.max() / params.size) if params.mode == "fit" else np.asarray(params.spacing)
-    step = out_mm / voxel_mm  # input voxels per output voxel, per axis
-    offset = (hi - lo - 1) / 2 - step * (params.size - 1) / 2
+    geometry = Geometry.fit(*bounding_box(brain), voxel_mm, params)
 
     def resample(volume: np.ndarray) -> np.ndarray:
-        return resample_cube(volume[box], step, offset, params.size)
+        return resample_cube(volume[geometry.box], geometry.step, geometry.offset, params.size)
 
     coverage = resample(brain.astype(np.float32))  # fraction of brain under each output voxel
     mask = coverage > 0.5
@@ -110,9 +157,9 @@ def preprocess_subject(subject: Subject, params: PreprocessParams) -> tuple[np.n
     info = {
         "source_shape": list(brain.shape),
         "source_axcodes": axcodes,
-        "source_voxel_mm": voxel_mm.tolist(),
-        "bbox_ras_voxels": [lo.tolist(), hi.tolist()],
-        "output_voxel_mm": out_mm.tolist(),
+        "source_voxel_mm": list(geometry.source_voxel_mm),
+        "bbox_ras_voxels": [list(geometry.lo), list(geometry.hi)],
+        "output_voxel_mm": list(geometry.output_voxel_mm),
         "mean": means,
         "std": stds,
         "mask_fraction": float(mask.mean()),

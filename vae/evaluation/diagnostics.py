@@ -144,6 +144,35 @@ def mutual_information(
     return float(neg_entropy - log_qz.mean())
 
 
+def channel_capacity(mu_var: torch.Tensor, sigma2_mean: torch.Tensor) -> torch.Tensor:
+    """Per latent dimension, ``0.5 * log(1 + Var_x(mu_j) / E_x[sigma_j^2])`` nats: the capacity of a
+    Gaussian channel whose signal is mu_j and whose noise is sigma_j. ``[D], [D] -> [D]``.
+
+    Scale-free where active units are not: it is 0 for a closed dimension whatever the spread
+    of mu (free bits, BN-VAE and DIP-I move Var(mu) without information) and large for a sharp
+    posterior with a small Var(mu), which the 0.01 threshold of AU misses.
+    """
+    if mu_var.shape != sigma2_mean.shape or mu_var.ndim != 1:
+        raise ValueError(f"mu_var and sigma2_mean must be [D] alike, got {tuple(mu_var.shape)}, {tuple(sigma2_mean.shape)}")
+    if (sigma2_mean <= 0).any():
+        raise ValueError("sigma2_mean must be positive: a posterior variance is never 0")
+    return 0.5 * torch.log1p(mu_var.clamp(min=0) / sigma2_mean)
+
+
+def aggregate_posterior_kl(mean: torch.Tensor, covariance: torch.Tensor) -> float:
+    """``KL(N(m, S) || N(0, I)) = 0.5 * (tr S + m.m - D - log det S)`` nats, float64: how far the Gaussian
+    with the aggregate posterior's mean ``[D]`` and covariance ``[D, D]`` (``Cov(mu) + E[diag sigma^2]``)
+    is from the prior, in its first two moments only: 0 when they are the prior's; a shifted or
+    spread-out code (an autoencoder's drifts to any scale) makes it large."""
+    mean, covariance = mean.double(), covariance.double()
+    if covariance.shape != (len(mean), len(mean)):
+        raise ValueError(f"covariance must be [D, D] for a mean of length {len(mean)}, got {tuple(covariance.shape)}")
+    sign, logdet = torch.linalg.slogdet(covariance)
+    if sign <= 0:
+        raise ValueError("covariance must be positive definite")
+    return float(0.5 * (covariance.trace() + mean @ mean - len(mean) - logdet))
+
+
 def max_offdiag_correlation(cov: torch.Tensor) -> float:
     """Largest |corr_ij|, i != j, of a covariance ``cov: [D, D]``; any positive multiple works too.
 
@@ -368,6 +397,7 @@ class ValidationAccumulator:
             "sq_mu_vs_zero": (x_hat_mu - x_hat_zero).pow(2).sum(),
             "kl": kl.sum(dim=0),
             "logvar": logvar.sum(),
+            "sigma2": logvar.exp().sum(dim=0),
         }
         if scored > 0:
             batch_sums.update(ssim=ssim * scored, psnr=psnr * scored, quality_n=torch.tensor(float(scored)))
@@ -420,6 +450,8 @@ class ValidationAccumulator:
         mu_cov = self._mu.covariance()
         mu_var = mu_cov.diagonal()
         au = active_units_from_variance(mu_var, self.au_eps)
+        sigma2_mean = sums["sigma2"] / n  # [z_dim] E_x[sigma_j^2]
+        capacity = channel_capacity(mu_var, sigma2_mean)
         z_std = math.sqrt(float(self._z.covariance().diagonal().mean()))
         # E||x - x_bar||^2 = (sum ||x||^2 - ||sum x||^2 / N) / N; clamp the rounding below 0.
         data_variance = max(0.0, float(sums["x_sq"] - sums["x"].pow(2).sum() / n) / n)
@@ -440,6 +472,9 @@ class ValidationAccumulator:
             "z_std": z_std,
             "mu_var_per_dim": mu_var.tolist(),
             "mu_var_mean": float(mu_var.mean()),
+            "channel_nats": float(capacity.sum()),
+            "channel_nats_per_dim": capacity.tolist(),
+            "prior_kl": aggregate_posterior_kl(self._mu.mean, mu_cov + torch.diag(sigma2_mean)),
             "recon_mu": float(sums["sq_err_mu"]) / voxels,
             "recon_zero": float(sums["sq_err_zero"]) / voxels,
             "recon_mu_vs_z": float(sums["sq_mu_vs_z"]) / voxels,

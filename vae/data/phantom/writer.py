@@ -120,7 +120,7 @@ def write_phantom_dataset(
     """Write ``n`` phantom subjects as BraTS-style NIfTI folders under ``out``; returns ``out``.
 
     Per subject: four int16 images (relative intensity x 1000), a uint8 seg, and
-    ``factors.json``; for the set, ``factors.csv`` (one flat row per subject). Subject
+    ``factors.json``; for the set, ``factors.csv`` (one flat numeric row per subject). Subject
     ``i`` depends only on ``(seed, i)`` and the settings; a subject whose files are
     complete and whose stored factors match these settings is kept, not rendered again.
     """
@@ -144,6 +144,7 @@ def write_phantom_dataset(
             subject = render_subject(sampled, grid.shape, grid.spacing, anatomy, et_label=ET_LABEL[naming])
             record = _json_ready({**settings, **subject.factors})
             _write_subject(folder, naming, subject, record)
-        rows.append(flatten_factors(record))
+        # The table holds numbers only (text settings stay in factors.json): a factor table for evaluation.
+        rows.append({k: v for k, v in flatten_factors(record).items() if k == "subject" or not isinstance(v, str)})
     atomic_write(root / "factors.csv", _csv_bytes(rows))
     return root

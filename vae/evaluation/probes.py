@@ -1,0 +1,58 @@
+"""What a code carries about a factor, measured through its channel: probes cross-validated over subjects.
+
+A probe from the posterior means mu reads what the *encoder* computes, but the decoder sees
+z = mu + sigma * eps. A collapsed encoder's mu still moves a little (Var(mu) ~ 1e-4 against
+sigma ~ 1); standardising mu scales that up, and a probe on it can rank a collapsed model
+first. A probe on samples of q(z|x) is drowned by the same noise the decoder is: it measures
+what passes the channel. So both are reported and the one on samples is the headline.
+
+Every probe is a ridge regression on standardised features whose penalty is chosen inside
+each training fold (leave-one-out over the fold's rows), scored out of fold: the folds split
+*subjects*, and a subject's samples are held out together.
+"""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.linear_model import RidgeCV
+from sklearn.model_selection import KFold
+
+ALPHAS = np.logspace(-3, 3, 13)  # penalties in units of standardised features
+FOLDS = 5
+MIN_SUBJECTS = 5  # fewer and a cross-validated R^2 says nothing
+
+
+def draw_samples(mu: np.ndarray, logvar: np.ndarray, samples: int, seed: int = 0) -> np.ndarray:
+    """``samples`` draws of z = mu + sigma * eps per subject: ``[N, D], [N, D] -> [N, S, D]`` (float64)."""
+    mu, logvar = np.asarray(mu, np.float64), np.asarray(logvar, np.float64)
+    eps = np.random.default_rng(seed).standard_normal((len(mu), samples, mu.shape[1]))
+    return mu[:, None, :] + np.exp(0.5 * logvar)[:, None, :] * eps
+
+
+def probe_r2(features: np.ndarray, target: np.ndarray, folds: int = FOLDS, seed: int = 0) -> tuple[float, np.ndarray]:
+    """Out-of-fold R^2 of a ridge probe from ``features`` to ``target`` ``[N]``, and the out-of-fold
+    prediction per subject ``[N]`` (the mean over its samples).
+
+    ``features`` is ``[N, F]`` (one row per subject) or ``[N, S, F]`` (S samples per subject).
+    R^2 = 1 - sum (y - y_hat)^2 / sum (y - mean y)^2 over every held-out row: 0 is no better
+    than predicting the mean, negative is worse. NaN for a constant target or fewer than
+    :data:`MIN_SUBJECTS` subjects.
+    """
+    target = np.asarray(target, np.float64)
+    features = np.asarray(features, np.float64)
+    features = features[:, None, :] if features.ndim == 2 else features  # [N, S, F]
+    n, samples, _ = features.shape
+    if len(target) != n:
+        raise ValueError(f"features hold {n} subjects but target {len(target)}")
+    if n < MIN_SUBJECTS or np.ptp(target) == 0:
+        return float("nan"), np.full(n, np.nan)
+    predictions = np.empty((n, samples))
+    for train, test in KFold(min(folds, n), shuffle=True, random_state=seed).split(np.arange(n)):
+        x_train = features[train].reshape(-1, features.shape[2])
+        mean, std = x_train.mean(axis=0), x_train.std(axis=0)
+        scale = np.where(std > 0, std, 1.0)
+        probe = RidgeCV(alphas=ALPHAS).fit((x_train - mean) / scale, np.repeat(target[train], samples))
+        predictions[test] = probe.predict(((features[test] - mean) / scale).reshape(-1, features.shape[2])).reshape(
+            len(test), samples)
+    residual = ((predictions - target[:, None]) ** 2).sum()
+    total = samples * ((target - target.mean()) ** 2).sum()
+    return float(1.0 - residual / total), predictions.mean(axis=1)
