@@ -15,7 +15,6 @@ a resumed sweep cover its earlier starts too.
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections import Counter
@@ -26,7 +25,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from vae.config import dump_experiment
-from vae.run_files import NONFINITE_SENTINEL, atomic_write, read_epochs
+from vae.run_files import NONFINITE_SENTINEL, atomic_write, csv_bytes, read_epochs
 
 from .selection import best_index
 from .space import RUN_NAME
@@ -86,13 +85,6 @@ def trial_row(trial: FrozenTrial, sweep: Sweep, epochs: Sequence[Mapping[str, st
     return row
 
 
-def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def best_trial(study: optuna.Study, objectives: Sequence[tuple[str, str]]) -> FrozenTrial | None:
     """The sweep's best trial (:func:`sweeps.selection.best_index` over the COMPLETE trials' values)."""
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -126,14 +118,14 @@ def write_outputs(
     histories = {t.user_attrs[RUN_NAME]: read_epochs(out_dir / TRIALS_DIR / t.user_attrs[RUN_NAME]) for t in trials}
     rows = [trial_row(t, sweep, histories[t.user_attrs[RUN_NAME]]) for t in trials]
     columns = list(rows[0]) if rows else ["trial_id", "number", "status", "run_dir"]
-    write_csv(out_dir / TRIALS_CSV, rows, columns)
+    atomic_write(out_dir / TRIALS_CSV, csv_bytes(rows, columns))
 
     numbers = {t.user_attrs[RUN_NAME]: t.number for t in trials}
     epoch_rows = [{"trial_id": name, "number": numbers[name], **r} for name, h in histories.items() for r in h]
     epoch_columns = dict.fromkeys(["trial_id", "number"])
     for r in epoch_rows:
         epoch_columns.update(dict.fromkeys(r))
-    write_csv(out_dir / EPOCHS_CSV, epoch_rows, list(epoch_columns))
+    atomic_write(out_dir / EPOCHS_CSV, csv_bytes(epoch_rows, list(epoch_columns)))
 
     best = best_trial(study, sweep.objectives)
     if best is not None:

@@ -21,7 +21,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable, Mapping
+from typing import BinaryIO, Callable, Mapping, Sequence
 
 from vae.config import ConfigError
 
@@ -63,6 +63,15 @@ def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], None]) -> None:
 def is_temporary(path: Path) -> bool:
     """Whether ``path`` is a temporary file of :func:`atomic_write` (left behind only by a killed writer)."""
     return path.name.startswith(".") and path.name.endswith(_TEMP_SUFFIX)
+
+
+def csv_bytes(rows: Sequence[Mapping[str, object]], columns: Sequence[str]) -> bytes:
+    """A CSV table of ``rows`` under the header ``columns`` (a missing cell is empty), for :func:`atomic_write`."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(columns), restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue().encode()
 
 
 def check_writable(folder: Path, flag: str) -> None:

@@ -18,8 +18,6 @@ the files beside it. One writer per cache directory at a time.
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -29,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from vae.run_files import atomic_write, is_temporary
+from vae.run_files import atomic_write, csv_bytes, is_temporary
 
 from .checks import check_subject, map_subjects
 from .discovery import DataError, Problem, Subject, scan
@@ -179,12 +177,9 @@ def _write_if_changed(path: Path, data: bytes, force: bool) -> None:
 def _factor_table_bytes(factors: Factors) -> bytes:
     """``factors.csv``: a subject column and one column per factor name (empty where undefined)."""
     names = sorted({name for row in factors.values() for name in row})
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow([SUBJECT_COLUMN, *names])
-    for subject, row in factors.items():
-        writer.writerow([subject, *("" if math.isnan(v := row.get(name, math.nan)) else repr(v) for name in names)])
-    return text.getvalue().encode()
+    rows = [{SUBJECT_COLUMN: subject, **{k: repr(v) for k, v in row.items() if not math.isnan(v)}}
+            for subject, row in factors.items()]
+    return csv_bytes(rows, [SUBJECT_COLUMN, *names])
 
 
 def check_pending(root: str | Path, out: str | Path, params: PreprocessParams) -> None:

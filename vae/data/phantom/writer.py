@@ -5,9 +5,7 @@ rerun after a kill) never sees a partial file.
 """
 from __future__ import annotations
 
-import csv
 import gzip
-import io
 import json
 import math
 import os
@@ -19,7 +17,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from vae.run_files import atomic_write
+from vae.run_files import atomic_write, csv_bytes
 
 from .anatomy import get_anatomy
 from .factors import MODALITIES, flatten_factors, subject_factors
@@ -96,15 +94,6 @@ def _write_subject(folder: Path, naming: str, subject: PhantomSubject, record: M
     atomic_write(folder / "factors.json", (json.dumps(record, indent=1, allow_nan=False) + "\n").encode())
 
 
-def _csv_bytes(rows: list[dict[str, Any]]) -> bytes:
-    """``rows`` as a CSV table whose header is the first row's keys."""
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    return text.getvalue().encode()
-
-
 def write_phantom_dataset(
     out: str | os.PathLike,
     n: int,
@@ -146,5 +135,5 @@ def write_phantom_dataset(
             _write_subject(folder, naming, subject, record)
         # The table holds numbers only (text settings stay in factors.json): a factor table for evaluation.
         rows.append({k: v for k, v in flatten_factors(record).items() if k == "subject" or not isinstance(v, str)})
-    atomic_write(root / "factors.csv", _csv_bytes(rows))
+    atomic_write(root / "factors.csv", csv_bytes(rows, list(rows[0])))
     return root
