@@ -29,6 +29,10 @@ EXPORTED_METRICS = {
     "au": "active units of the trial's latest epoch",
     "kl_raw": "KL(q(z|x) || p(z)) of the latest epoch in nats, summed over latent dimensions",
     "recon_mu": "reconstruction error of the latest epoch, decoding the posterior means",
+    "semantic_r2": "through-channel probe R^2 of the tumour's location and size (latest epoch, validation subjects)",
+    "channel_nats": "Gaussian channel information of the code in nats, summed over latent dimensions",
+    "prior_kl_dim_max": "largest KL of one latent dimension's aggregate posterior from N(0, 1), nats",
+    "z_sensitivity": "how far z moves the decoder output, relative to the data's variance",
     "epoch": "epochs the trial has finished",
 }
 TAG_KEYS = ("sweep", "trial")

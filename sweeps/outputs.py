@@ -35,7 +35,9 @@ RECORD_JSON, STUDY_DB = "sweep.json", "study.db"
 TRIALS_CSV, EPOCHS_CSV, SUMMARY_JSON, BEST_YAML = "trials.csv", "epochs.csv", "summary.json", "best.yaml"
 TRIALS_DIR = "trials"
 # Final values every trial row carries, besides the objectives.
-FINAL_METRICS = ("au", "kl_raw", "recon_mu", "mi", "recon_zero", "z_sensitivity")
+FINAL_METRICS = (
+    "au", "kl_raw", "recon_mu", "semantic_r2", "channel_nats", "prior_kl_dim_max", "mi", "recon_zero", "z_sensitivity",
+)
 
 
 # --------------------------------------------------------------------------- trials
@@ -76,8 +78,10 @@ def trial_row(trial: FrozenTrial, sweep: Sweep, epochs: Sequence[Mapping[str, st
         "run_dir": f"{TRIALS_DIR}/{trial.user_attrs[RUN_NAME]}",
         "enqueued": trial.user_attrs.get("enqueued", ""), "audited": "true" if trial.user_attrs.get("audited") else "",
     }
+    row["feasible"] = feasibility(trial)
     row |= {f"param/{name}": trial.params.get(name, "") for name in sweep.space.names}
-    for metric in dict.fromkeys([*FINAL_METRICS, *(m for m, _ in sweep.objectives)]):
+    constrained = (c.metric for c in sweep.spec.constraints)
+    for metric in dict.fromkeys([*FINAL_METRICS, *(m for m, _ in sweep.objectives), *constrained]):
         row[f"final/{metric}"] = last.get(metric, "")
     for metric, mode in sweep.objectives:
         values = [v for v in (_float(r.get(metric)) for r in epochs) if not math.isnan(v)]
@@ -85,11 +89,34 @@ def trial_row(trial: FrozenTrial, sweep: Sweep, epochs: Sequence[Mapping[str, st
     return row
 
 
+def feasibility(trial: FrozenTrial) -> str:
+    """``true`` when the trial met every constraint of its sweep, ``false`` when not, empty when none was
+    judged (no constraints, or it failed or is still running)."""
+    if not trial.constraints:
+        return ""
+    return "true" if all(v <= 0 for v in trial.constraints.values()) else "false"
+
+
 def best_trial(study: optuna.Study, objectives: Sequence[tuple[str, str]]) -> FrozenTrial | None:
-    """The sweep's best trial (:func:`sweeps.selection.best_index` over the COMPLETE trials' values)."""
-    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    """The sweep's best trial (:func:`sweeps.selection.best_index` over the values of the COMPLETE trials
+    that meet the sweep's constraints, as Optuna's ``best_trials`` takes them)."""
+    completed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                 if feasibility(t) != "false"]
     best = best_index([t.values for t in completed], [mode for _, mode in objectives])
     return None if best is None else completed[best]
+
+
+def no_best_reason(study: optuna.Study, sweep: Sweep) -> str:
+    """Why a sweep names no best trial: none completed, or none of those met the constraints (naming the
+    one that came closest)."""
+    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not completed:
+        return "no trial completed its epochs"
+    closest = min(completed, key=lambda t: sum(max(0.0, v) for v in t.constraints.values()))
+    bounds = ", ".join(c.describe() for c in sweep.spec.constraints)
+    excess = ", ".join(f"{name} {value:+.3g}" for name, value in closest.constraints.items() if value > 0)
+    return (f"no completed trial met the constraints ({bounds}); the closest, {closest.user_attrs.get(RUN_NAME)}, "
+            f"exceeds them by {excess}")
 
 
 def best_yaml(sweep: Sweep, trial: FrozenTrial, out_dir: Path) -> str:
@@ -139,8 +166,11 @@ def write_outputs(
         "trials": len(rows),
         "status_counts": dict(Counter(row["status"] for row in rows)),
         "optuna_states": dict(Counter(t.state.name for t in study.get_trials(deepcopy=False))),
+        "constraints": [c.describe() for c in sweep.spec.constraints],
+        "infeasible_trials": [r["trial_id"] for r in rows if r["feasible"] == "false" and r["status"] != "collapsed"],
         "best": None if best is None else _describe(best, sweep),
         "best_yaml": None if best is None else str(out_dir / BEST_YAML),
+        "no_best": no_best_reason(study, sweep) if best is None else "",
         "pareto_front": [_describe(t, sweep) for t in study.best_trials],
     }
     atomic_write(out_dir / SUMMARY_JSON, (json.dumps(summary, indent=2) + "\n").encode())

@@ -16,7 +16,11 @@ interrupted   FAIL       the sweep stopped before it ended (or began): it is enq
                          sweep continues it
 ============  =========  =============================================================
 
-``status`` and ``stop_reason`` go to the trial's user attributes. PRUNED counts as bad for
+``status`` and ``stop_reason`` go to the trial's user attributes; a COMPLETE or PRUNED trial
+also carries each of the sweep's constraints (``Trial.set_constraint``, :func:`constraint_value`:
+the last value's excess over its bound; infinite for a collapsed trial or a value never
+reported), which TPE uses to rank a trial that breaks one below every trial that meets them all,
+and those that break them by their excess. PRUNED counts as bad for
 TPE: Optuna 5's ``TPESampler._sample`` takes COMPLETE and PRUNED trials, and
 ``_split_trials`` fills the "good" group with COMPLETE trials first (best first) and
 only then with PRUNED ones, so a PRUNED trial is never preferred to a COMPLETE one;
@@ -48,7 +52,7 @@ from vae.config import ConfigError
 from vae.run_files import read_epochs
 
 from .space import RUN_NAME
-from .spec import Sweep
+from .spec import Constraint, Sweep
 from .collapse_rule import HISTORY_KEYS, Outcome, ScheduleTargets, collapse_history, numeric_rows, trial_outcome
 
 logger = logging.getLogger(__name__)
@@ -240,7 +244,7 @@ class SweepSearch(OptunaSearch):
             if outcome.status == "interrupted":
                 requeue(self._ot_study, ot_trial, outcome.reason)
             else:
-                self._tell(ot_trial, outcome, values)
+                self._tell(ot_trial, outcome, values, result)
         except UpdateFinishedTrialError:
             logger.warning("trial %s: already finished in the study; left as it is", trial_id)
 
@@ -260,15 +264,31 @@ class SweepSearch(OptunaSearch):
             outcome = Outcome("failed", f"an objective ({', '.join(metrics)}) was missing or not finite: {values}")
         return outcome, values
 
-    def _tell(self, ot_trial: optuna.Trial, outcome: Outcome, values: list) -> None:
+    def _tell(self, ot_trial: optuna.Trial, outcome: Outcome, values: list, result: dict | None) -> None:
         ot_trial.set_user_attr("status", outcome.status)
         ot_trial.set_user_attr("stop_reason", outcome.reason)
         state = STATES[outcome.status]
+        if state != TrialState.FAIL:  # TPE models COMPLETE and PRUNED trials: both carry their constraints
+            for constraint in self.sweep.spec.constraints:
+                ot_trial.set_constraint(constraint.metric, constraint_value(constraint, outcome, result))
         try:
             self._ot_study.tell(ot_trial, values if state == TrialState.COMPLETE else None, state=state)
         except ValueError as err:  # a value Optuna refuses: never leave the trial RUNNING
             logger.warning("trial %d: %s; recorded as FAIL", ot_trial.number, err)
             self._ot_study.tell(ot_trial, state=TrialState.FAIL)
+
+
+def constraint_value(constraint: Constraint, outcome: Outcome, result: dict | None) -> float:
+    """What Optuna is told of ``constraint`` for a trial that ended as ``outcome`` (> 0: broken).
+
+    A collapsed trial breaks every constraint (infinitely): a collapsed code trivially sits at the
+    prior, and TPE puts a PRUNED trial that meets the constraints *above* a COMPLETE one that does
+    not, so it would steer the search towards collapse. A value never reported breaks it too.
+    """
+    value = (result or {}).get(constraint.metric)
+    if outcome.status == "collapsed" or not (isinstance(value, (int, float)) and math.isfinite(value)):
+        return math.inf
+    return constraint.violation(value)
 
 
 class _DefineByRun:

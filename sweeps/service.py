@@ -20,7 +20,7 @@ import secrets
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -246,7 +246,7 @@ def execute(
     :mod:`sweeps.monitoring`). ``started`` (``time.perf_counter()``) is when the command
     began, for the wall time it reports.
     """
-    from vae.data.sources import prepared_cache
+    from vae.data.sources import prepared_cache, validation_has_factors, validation_warnings
 
     from .search import continuations, finished_count, open_study, requeue_orphans
 
@@ -258,6 +258,11 @@ def execute(
         print(line, file=sys.stderr, flush=True)
     with ray_session(sweep, address, dashboard, worker_logs) as concurrent:
         cache = prepared_cache(sweep.experiment.data, progress=True)  # once, before any trial starts
+        sweep, notes = sweep.for_data(validation_has_factors(sweep.experiment.data, cache))
+        run = replace(run, sweep=sweep)
+        for line in validation_warnings(sweep.experiment.data, cache) + notes:
+            print(line, file=sys.stderr, flush=True)
+            warnings.append(line)
         run.out_dir.mkdir(parents=True, exist_ok=True)
         _record_start(run)
         storage = open_storage(run.storage_url)
@@ -295,6 +300,8 @@ def execute(
     print(trial_table(rows, sweep))
     wall = time.perf_counter() - started
     print(f"{summary['status_counts']}; wall time {wall:.0f} s; outputs in {run.out_dir}", flush=True)
+    if summary["no_best"]:
+        print(f"no best.yaml: {summary['no_best']}", flush=True)
     if interruption.seen:
         print(resume_advice(run, finished_count(study)), flush=True)
     return summary

@@ -7,8 +7,10 @@ A sweep file::
     overrides: {data.size: 64}         # fixed for every trial (dotted experiment keys)
     space: {...}                       # what is searched (see sweeps/space.py)
     objectives:                        # one: a scalar study; more: multi-objective (Pareto)
-      - {metric: au, mode: max}
+      - {metric: semantic_r2, mode: max, without_factors: channel_nats}
       - {metric: recon_mu, mode: min}
+    constraints:                       # a trial that breaks one is never best (Optuna constraints)
+      - {metric: prior_kl_dim_max, max: 1.0}
     early_stop:
       mode: collapse                   # collapse | asha | collapse+asha | none
       collapse: {kl_min: 2.0, patience: 5, grace_epochs: 5}   # au_min: also require AU <= au_min
@@ -25,7 +27,7 @@ command line turns it into exit status 2 before any compute starts.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -56,6 +58,30 @@ COLLAPSE_VARIANCE_SHARE = 0.5
 class Objective(Section):
     metric: str
     mode: Literal["min", "max"]
+    # The metric in its place when the validation subjects have no segmentation or factor table:
+    # a probe of what the code carries (semantic_r2) would read 0 for every trial.
+    without_factors: str | None = None
+
+
+class Constraint(Section):
+    """A bound on a metric's final value that a trial must meet to count as best (Optuna constraints)."""
+
+    metric: str
+    max: float | None = None
+    min: float | None = None
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> "Constraint":
+        if (self.max is None) == (self.min is None):
+            raise ValueError(f"constraint on '{self.metric}': give exactly one of max or min")
+        return self
+
+    def violation(self, value: float) -> float:
+        """How far ``value`` is outside the bound: <= 0 when the constraint holds (Optuna's convention)."""
+        return value - self.max if self.max is not None else self.min - value
+
+    def describe(self) -> str:
+        return f"{self.metric} <= {self.max:g}" if self.max is not None else f"{self.metric} >= {self.min:g}"
 
 
 class AshaSpec(Section):
@@ -108,7 +134,16 @@ class EnqueuedPoint(Section):
 
 
 def _default_objectives() -> list[Objective]:
-    return [Objective(metric="au", mode="max"), Objective(metric="recon_mu", mode="min")]
+    """What the code carries of the tumour through its channel, and the reconstruction: an autoencoder
+    wins the second but not the first (docs/metrics.md)."""
+    return [Objective(metric="semantic_r2", mode="max", without_factors="channel_nats"),
+            Objective(metric="recon_mu", mode="min")]
+
+
+def _default_constraints() -> list[Constraint]:
+    """The aggregate posterior stays near the prior in every dimension, so that beta * sigma^2 -> 0
+    (an autoencoder whose code drifts to any scale) cannot win."""
+    return [Constraint(metric="prior_kl_dim_max", max=1.0)]
 
 
 class SweepSpec(Section):
@@ -117,6 +152,7 @@ class SweepSpec(Section):
     overrides: dict[str, Any] = Field(default_factory=dict)
     space: dict[str, Any] | None = None
     objectives: list[Objective] = Field(default_factory=_default_objectives, min_length=1)
+    constraints: list[Constraint] = Field(default_factory=_default_constraints)
     early_stop: EarlyStopSpec = Field(default_factory=EarlyStopSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
@@ -126,8 +162,10 @@ class SweepSpec(Section):
     @model_validator(mode="after")
     def _check(self) -> SweepSpec:
         metrics = [o.metric for o in self.objectives]
-        if len(set(metrics)) < len(metrics):
-            raise ValueError(f"objectives name a metric twice: {metrics}")
+        fallbacks = [o.without_factors or o.metric for o in self.objectives]
+        for named in (metrics, fallbacks):
+            if len(set(named)) < len(named):
+                raise ValueError(f"objectives name a metric twice: {named}")
         asha = self.early_stop.asha
         if asha.metric not in (None, metrics[0]) and asha.mode is None:
             raise ValueError(f"early_stop.asha.mode: give the mode (min or max) of '{asha.metric}'")
@@ -154,6 +192,18 @@ class Sweep:
     @property
     def objectives(self) -> list[tuple[str, str]]:
         return [(o.metric, o.mode) for o in self.spec.objectives]
+
+    def for_data(self, has_factors: bool) -> tuple[Sweep, list[str]]:
+        """This sweep for data with or without factors: without, each objective that names a
+        ``without_factors`` metric optimises that one instead; and the lines that say so."""
+        swapped = [o for o in self.spec.objectives if o.without_factors and not has_factors]
+        if not swapped:
+            return self, []
+        objectives = [Objective(metric=o.without_factors or o.metric, mode=o.mode) if o in swapped else o
+                      for o in self.spec.objectives]
+        notes = [f"note: the validation subjects have no segmentation or factor table: objective {o.metric} "
+                 f"({o.mode}) is {o.without_factors} instead" for o in swapped]
+        return replace(self, spec=self.spec.model_copy(update={"objectives": objectives})), notes
 
     @property
     def asha_objective(self) -> tuple[str, str]:
@@ -277,6 +327,9 @@ def check_sweep(sweep: Sweep, source: str) -> None:
     spec, space = sweep.spec, sweep.space
     reported = reported_metrics(sweep.experiment.data.modalities)
     metrics = [(f"objectives[{i}].metric", o.metric) for i, o in enumerate(spec.objectives)]
+    metrics += [(f"objectives[{i}].without_factors", o.without_factors) for i, o in enumerate(spec.objectives)
+                if o.without_factors]
+    metrics += [(f"constraints[{i}].metric", c.metric) for i, c in enumerate(spec.constraints)]
     if spec.early_stop.uses_asha:
         metrics.append(("early_stop.asha.metric", sweep.asha_objective[0]))
     for where, metric in metrics:

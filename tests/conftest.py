@@ -54,6 +54,9 @@ def no_ray(monkeypatch):
 
 SESSION_EPOCHS = 3
 SESSION_RULE = {"kl_min": 0.5, "patience": 2, "grace_epochs": 0}
+SESSION_OBJECTIVES = [{"metric": "semantic_r2", "mode": "max", "without_factors": "channel_nats"},
+                      {"metric": "recon_mu", "mode": "min"}]
+SESSION_CONSTRAINT = {"metric": "prior_kl_dim_max", "max": 100.0}
 # name: (params, status it ends with). No DIP, so every epoch is at full strength unless the KL warms up.
 SESSION_POINTS = {
     # mean-reduced MSE at beta 20: collapsed from the first epoch; the rule stops it after two
@@ -90,6 +93,10 @@ def session_sweep(tmp_path_factory) -> SessionSweep:
             "objective.sigma2": {"low": 1e-38, "high": 1.0, "log": True, "when": {"objective.likelihood": "gaussian"}},
             "objective.kl.schedule": {"choices": ["constant", "linear"]},
         },
+        "objectives": SESSION_OBJECTIVES,
+        # beta 0.01 at sigma^2 0.001 spreads the "sound" code to ~23 nats from the prior in one dimension:
+        # a bound it meets, so that the sweep has a best trial (the selection tests cover one it breaks)
+        "constraints": [SESSION_CONSTRAINT],
         "early_stop": {"mode": "collapse", "collapse": SESSION_RULE},
         "resources": {"cpus_per_trial": 1},
         "budget": {"num_samples": len(SESSION_POINTS), "max_epochs": SESSION_EPOCHS},

@@ -80,3 +80,26 @@ def test_concurrent_preparers_build_one_cache(tmp_path):
     assert len(Manifest.load(caches[0]).subject_ids) == 6
     assert not [p for p in caches[0].iterdir() if p.name.endswith(".tmp")]
     assert os.path.isfile(caches[0] / "manifest.json")
+
+
+def test_a_run_is_told_when_its_validation_set_cannot_measure_what_a_code_carries(tmp_path):
+    """Too few validation subjects for AU, MI and the probes (MIN_VALIDATION_SUBJECTS, measured by
+    bench/probe_subjects.py); validation subjects without segmentation or factors: nothing to probe."""
+    from vae.data.sources import validation_has_factors, validation_warnings
+    from vae.evaluation.probes import MIN_VALIDATION_SUBJECTS
+
+    small = _data(tmp_path, val_fraction=0.34)
+    (warning,) = validation_warnings(small, prepared_cache(small))
+    assert "holds 2 of 6 subjects" in warning and f"at least {MIN_VALIDATION_SUBJECTS}" in warning
+    assert "data.val_fraction" in warning
+
+    enough = _data(tmp_path, val_fraction=0.8, phantom={"subjects": 30})  # 24 of 30 validate
+    assert validation_warnings(enough, prepared_cache(enough)) == []
+
+    raw = write_phantom_dataset(tmp_path / "raw", 4, 16, naming="brats2023", progress=False)
+    for seg in raw.rglob("*seg*"):
+        seg.unlink()
+    plain = _data(tmp_path, root=str(raw))
+    cache = prepared_cache(plain)
+    assert not validation_has_factors(plain, cache) and validation_has_factors(small, prepared_cache(small))
+    assert any("no validation subject has a segmentation" in line for line in validation_warnings(plain, cache))

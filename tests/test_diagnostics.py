@@ -129,6 +129,8 @@ def numpy_reference(samples: dict[str, np.ndarray], floor: float, mode: str, see
     # the aggregate posterior's Gaussian against N(0, I), by the textbook formula in float64
     cov = np.cov(mu, rowvar=False) + np.diag(sigma2)
     prior_kl = 0.5 * (np.trace(cov) + mu.mean(0) @ mu.mean(0) - Z_DIM - np.log(np.linalg.det(cov)))
+    marginal = mu_var + sigma2
+    prior_kl_dims = 0.5 * (marginal + mu.mean(0) ** 2 - 1 - np.log(marginal))
     return {
         "au": float((mu_var > 0.01).sum()),
         "au_fraction": float((mu_var > 0.01).mean()),
@@ -143,6 +145,7 @@ def numpy_reference(samples: dict[str, np.ndarray], floor: float, mode: str, see
         "channel_nats": capacity.sum(),
         "channel_nats_per_dim": capacity,
         "prior_kl": prior_kl,
+        "prior_kl_dim_max": prior_kl_dims.max(),
         "recon_mu": ((s["x_hat_mu"] - x) ** 2).mean(),
         "recon_zero": ((s["x_hat_zero"] - x) ** 2).mean(),
         "recon_mu_vs_z": ((s["x_hat_mu"] - s["x_hat_z"]) ** 2).mean(),
@@ -395,7 +398,7 @@ def test_accumulator_keys_are_plain_finite_floats():
     lists = {"kl_per_dim", "mu_var_per_dim", "channel_nats_per_dim", "ssim", "psnr"}
     assert set(result) == {
         "au", "au_fraction", "kl_raw", "kl_per_dim", "kl_per_dim_max", "kl_constrained", "logvar_mean",
-        "z_std", "mu_var_per_dim", "mu_var_mean", "channel_nats", "channel_nats_per_dim", "prior_kl",
+        "z_std", "mu_var_per_dim", "mu_var_mean", "channel_nats", "channel_nats_per_dim", "prior_kl", "prior_kl_dim_max",
         "recon_mu", "recon_zero", "recon_mu_vs_z",
         "z_sensitivity", "mi", "mi_pairs", "mu_max_offdiag_corr", "ssim", "psnr", "ssim_mean", "psnr_mean",
     }
@@ -498,6 +501,14 @@ def test_channel_capacity_is_zero_when_closed_and_scale_free():
     assert active_units_from_variance(mu_var) == 2 and capacity[2] > 0.5
     with pytest.raises(ValueError, match="positive"):
         channel_capacity(mu_var, torch.zeros(4, dtype=torch.float64))
+
+
+def test_marginal_prior_kl_by_hand():
+    kl = diagnostics.marginal_prior_kl(torch.tensor([0.0, 2.0, 0.0]), torch.tensor([1.0, 1.0, 4.0]))
+    assert kl.tolist() == pytest.approx([0.0, 2.0, 0.5 * (3 - math.log(4.0))])
+    # N < D subjects: the marginals need no invertible covariance, unlike the joint KL
+    with pytest.raises(ValueError, match="positive"):
+        diagnostics.marginal_prior_kl(torch.zeros(2), torch.tensor([1.0, 0.0]))
 
 
 def test_aggregate_posterior_kl_by_hand():

@@ -12,7 +12,9 @@ from vae.config import ExperimentConfig
 from vae.data.sources import prepared_cache, training_datasets
 from vae.data.subject_factors import LOCATION_FACTORS, SEG_FACTORS
 from vae.evaluate import EVALUATION_JSON, EVALUATION_PNG, evaluate_run, main
-from vae.evaluation.probes import draw_samples, probe_r2
+from vae.data.subject_factors import FactorTable
+from vae.evaluation.probes import SAMPLES, channel_probe_metrics, draw_samples, probe_key, probe_r2
+from vae.run_files import read_epochs
 from vae.training import fit
 
 # --------------------------------------------------------------------------- probes
@@ -47,6 +49,35 @@ def test_probe_r2_is_out_of_fold_against_the_grand_mean():
     assert r2 < 0.1
     assert math.isnan(probe_r2(rng.normal(size=(4, 2)), rng.normal(size=4))[0])  # too few subjects
     assert math.isnan(probe_r2(rng.normal(size=(10, 2)), np.ones(10))[0])  # nothing to predict
+
+
+def test_channel_probe_metrics_of_a_code_with_a_known_through_channel_r2():
+    """mu_0 = 2 f with sigma 1 passes R^2 = 4 / (4 + 1) = 0.8 of f; a dimension of noise passes nothing."""
+    rng = np.random.default_rng(4)
+    n = 200
+    centre, size = rng.standard_normal(n), rng.standard_normal(n)
+    mu = np.column_stack([2 * centre, 0.01 * size, rng.standard_normal(n)])
+    table = FactorTable(("tumour_centroid_x", "tumour_log_volume", "age"),
+                        np.column_stack([centre, size, np.where(np.arange(n) < 150, 1.0 * np.arange(n), np.nan)]))
+    metrics = channel_probe_metrics(mu, np.zeros_like(mu), table, seed=0)
+    assert metrics["probe_r2/tumour_centroid_x"] == pytest.approx(0.8, abs=0.05)
+    assert metrics["probe_r2/tumour_log_volume"] < 0.05  # its mu moves (0.01 f) but the channel drowns it
+    assert metrics["location_r2"] == metrics["probe_r2/tumour_centroid_x"]
+    assert metrics["size_r2"] == metrics["probe_r2/tumour_log_volume"]
+    assert metrics["semantic_r2"] == pytest.approx((metrics["location_r2"] + metrics["size_r2"]) / 2)
+    assert metrics["probe_subjects"] == n  # the headline factors' subjects; age's 150 do not count
+
+
+def test_channel_probe_metrics_are_finite_when_nothing_can_be_probed():
+    rng = np.random.default_rng(5)
+    assert channel_probe_metrics(rng.normal(size=(9, 2)), np.zeros((9, 2)), None) == {
+        "semantic_r2": 0.0, "location_r2": 0.0, "size_r2": 0.0, "probe_subjects": 0.0}
+    few = FactorTable(("tumour_log_volume",), rng.normal(size=(4, 1)))
+    metrics = channel_probe_metrics(rng.normal(size=(4, 2)), np.zeros((4, 2)), few)
+    assert metrics["semantic_r2"] == 0.0 and metrics["probe_r2/tumour_log_volume"] == 0.0
+    assert metrics["probe_subjects"] == 4  # says why: fewer than 5
+    with pytest.raises(ValueError, match="3 posteriors for 4 rows"):
+        channel_probe_metrics(rng.normal(size=(3, 2)), np.zeros((3, 2)), few)
 
 
 # --------------------------------------------------------------------------- the command
@@ -91,6 +122,36 @@ def test_evaluate_scores_every_subject_and_every_segmentation_factor(trained_run
     assert metrics["semantic_r2"] == pytest.approx((metrics["location_r2"] + metrics["size_r2"]) / 2)
     again, _ = evaluate_run(trained_run)
     assert again["factors"] == record["factors"]  # seeded draws and folds
+
+
+def test_each_epoch_reports_the_probes_its_checkpoint_gives_on_the_validation_subjects(trained_run):
+    """The last epoch's probe columns equal probes recomputed from the final checkpoint's posteriors of the
+    validation subjects, with the factors looked up by subject id."""
+    from torch.utils.data import DataLoader
+
+    from vae.data import Manifest
+    from vae.evaluate import run_experiment, trained_model
+    from vae.training import validate
+
+    rows = read_epochs(trained_run)
+    assert [name for name in rows[0] if name.startswith("probe_r2/")] == [probe_key(n) for n in sorted(SEG_FACTORS)]
+    cfg = run_experiment(trained_run, None)
+    cache = prepared_cache(cfg.data)
+    _, val_set = training_datasets(cfg.data, cache)
+    val = validate(trained_model(cfg, trained_run, torch.device("cpu")), DataLoader(val_set, batch_size=1), cfg,
+                   epoch=0.0, dataset_size=1, keep_posteriors=True)
+    mu, logvar = (t.double().numpy() for t in val.posteriors)
+    z = draw_samples(mu, logvar, SAMPLES, cfg.train.seed)
+    factors = Manifest.load(cache).factors
+    last = rows[-1]
+    assert float(last["probe_subjects"]) == min(
+        sum(math.isfinite(factors[s][n]) for s in val_set.ids) for n in ("tumour_log_volume", *LOCATION_FACTORS))
+    for name in SEG_FACTORS:
+        truth = np.array([factors[s][name] for s in val_set.ids])
+        defined = np.isfinite(truth)
+        expected, _ = probe_r2(z[defined], truth[defined], seed=cfg.train.seed)
+        expected = expected if math.isfinite(expected) else 0.0
+        assert float(last[probe_key(name)]) == pytest.approx(expected, abs=1e-6), name
 
 
 def test_the_command_writes_its_files_and_takes_a_factor_table(trained_run, tmp_path, capsys):

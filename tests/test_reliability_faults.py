@@ -187,7 +187,9 @@ def test_driver_killed_with_two_trials_in_flight_resumes_without_duplicate_or_lo
                                                                     trial.user_attrs["status"])
         params = {key[len(PARAM_COLUMN):]: value for key, value in row.items() if key.startswith(PARAM_COLUMN)}
         assert {k: v for k, v in params.items() if v != ""} == {k: str(v) for k, v in trial.params.items()}
-        assert trial.values == [pytest.approx(float(row["final/au"])), pytest.approx(float(row["final/recon_mu"]))]
+        # the default objectives: the semantic probe (the phantom has factors) and recon(mu)
+        assert trial.values == [pytest.approx(float(row["final/semantic_r2"])),
+                                pytest.approx(float(row["final/recon_mu"]))]
         history = read_epochs(out_dir / row["run_dir"])
         assert [int(r["epoch"]) for r in history] == list(range(1, epochs + 1)) and int(row["epochs"]) == epochs
     assert len(read_csv(out_dir / EPOCHS_CSV)) == samples * epochs

@@ -66,3 +66,25 @@ def test_study_report_and_benchmark_name_the_same_trial(tmp_path):
               for t in trials[:4]]
     from_benchmark = best_of(curves, OBJECTIVES).number
     assert from_study == from_table == from_benchmark == 2
+
+
+def test_a_trial_that_breaks_a_constraint_is_never_best(tmp_path):
+    """The otherwise best trial (t2) breaks the prior-regularity bound: the study, Optuna's own Pareto front
+    and the report all pass it over; a trial that meets it exactly (excess 0) still counts."""
+    values = {"t0": (4.0, 0.30), "t1": (6.0, 0.40), "t2": (6.0, 0.20), "t3": (1.0, 0.05)}
+    excess = {"t0": -0.5, "t1": 0.0, "t2": 22.5, "t3": -0.9}
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    beta = FloatDistribution(0.01, 10.0, log=True)
+    for i, name in enumerate(values):
+        study.add_trial(create_trial(params={"beta": 0.1 * (i + 1)}, distributions={"beta": beta},
+                                     values=list(values[name]),
+                                     system_attrs={"constraints:prior_kl_dim_max": excess[name]}))
+    assert best_trial(study, OBJECTIVES).number == 1
+    assert 2 not in {t.number for t in study.best_trials}
+
+    trials = [report.Trial(trial_id=name, number=i, status="completed", epochs=3, stop_reason="", run_dir=None,
+                           params={}, final={"au": au, "recon_mu": recon}, best={}, audited=False,
+                           feasible=excess[name] <= 0)
+              for i, (name, (au, recon)) in enumerate(values.items())]
+    assert report.best_trial(trials, OBJECTIVES).number == 1
+    assert 2 not in {t.number for t in report.front_trials(trials, OBJECTIVES)}

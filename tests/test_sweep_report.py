@@ -35,6 +35,7 @@ from sweeps.report import (
     kl_scale,
     load_curves,
     load_trials,
+    rate_distortion_figure,
     param_importances,
     pareto_figure,
     pareto_front,
@@ -46,7 +47,8 @@ from vae.run_files import NONFINITE_SENTINEL
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-PICTURES = ["curves.png", "pareto.png", "importances.png", "recon_best.png", "recon_audited.png", "params.png"]
+PICTURES = ["curves.png", "pareto.png", "rate_distortion.png", "importances.png", "recon_best.png",
+            "recon_audited.png", "params.png"]
 TWO_OBJECTIVES = [("au", "max"), ("recon_mu", "min")]
 DISTRIBUTIONS = {
     "objective.kl.beta": FloatDistribution(1e-4, 10.0, log=True),
@@ -62,6 +64,8 @@ TRIALS = {
     "t5": ("5", "completed", "", 1.0, "mse_mean", "5", "10", "0.03", "relative"),
     "t6": ("6", "asha_stopped", "", 0.05, "gaussian_sum", "14", "30", "0.01", "relative"),
 }
+SEMANTIC = {"t0": 0.62, "t1": -0.05, "t4": 0.4, "t5": 0.7, "t6": 0.5}  # final semantic_r2
+INFEASIBLE = {"t5"}  # breaks the sweep's constraints
 # trial_id: (au per epoch, kl_raw per epoch)
 EPOCHS = {
     "t0": ([2, 5, 8, 10, 12], [5, 15, 25, 35, 40]),
@@ -103,6 +107,7 @@ def sweep_dir(tmp_path: Path) -> Path:
             "stop_reason": "au_zero" if status == "collapsed" else "", "run_dir": run_dir,
             "param/objective.kl.beta": beta, "param/objective.likelihood": likelihood,
             "final/au": au, "final/kl_raw": kl, "final/recon_mu": recon, "best/au": au, "audited": audited,
+            "final/semantic_r2": SEMANTIC.get(trial_id, ""), "feasible": "false" if trial_id in INFEASIBLE else "",
         })
     write_csv(out / "trials.csv", rows)
     write_csv(out / "epochs.csv", [
@@ -236,10 +241,24 @@ def test_curves_figure_lines(sweep_dir: Path):
 def test_pareto_figure_front(sweep_dir: Path, au_mode: str, steps: str):
     fig = pareto_figure(load_trials(sweep_dir), [("au", au_mode), ("recon_mu", "min")])
     (front_line,) = fig.axes[0].get_lines()
-    # max AU: trials 4 (8, 0.015) and 0 (12, 0.02); min AU: the collapsed trial is not completed, trial 5 is
-    expected = {"max": ([8, 12], [0.015, 0.02]), "min": ([5, 8], [0.03, 0.015])}[au_mode]
+    # max AU: trials 4 (8, 0.015) and 0 (12, 0.02); min AU: the collapsed trial is not completed and trial 5
+    # (5, 0.03) breaks the constraints, so trial 4 alone
+    expected = {"max": ([8, 12], [0.015, 0.02]), "min": ([8], [0.015])}[au_mode]
     assert (front_line.get_xdata().tolist(), front_line.get_ydata().tolist()) == expected
     assert front_line.get_drawstyle() == steps
+
+
+def test_rate_distortion_figure(sweep_dir: Path):
+    """Rate against distortion, and the semantic probe against rate; the infeasible trial drawn hollow."""
+    fig = rate_distortion_figure(load_trials(sweep_dir))
+    left, right = fig.axes
+    rates = {tuple(np.round(p, 6)) for p in np.concatenate([c.get_offsets() for c in left.collections])}
+    assert {(40.0, 0.02), (1.1, 0.09), (25.0, 0.015)} <= rates  # KL_raw and recon(mu) of t0, t1, t4
+    assert right.get_ylabel().startswith("semantic R²")
+    hollow = [c for c in right.collections  # white-filled points (the audited star is unfilled)
+              if len(c.get_offsets()) and len(c.get_facecolors()) and np.allclose(c.get_facecolors()[:, :3], 1.0)]
+    assert [tuple(np.round(p, 6)) for c in hollow for p in c.get_offsets()] == [(10.0, 0.7)]  # t5
+    assert left.get_xscale() == "log"
 
 
 def test_progress_figure_best_so_far(sweep_dir: Path):
@@ -285,6 +304,8 @@ def test_report_two_objectives(sweep_dir: Path, tmp_path: Path, two_objective_st
     front = section(page, "Pareto front")  # t6 would dominate both but is not completed; t5 is dominated
     assert "trial 0" in front and "trial 4" in front and "trial 5" not in front and "trial 6" not in front
     assert "mse_mean" in section(page, "Audited configuration")
+    (t5_row,) = [row for row in page.split("<tr") if "<td>t5</td>" in row]
+    assert '<span class="tag">infeasible</span>' in t5_row  # never best, said in the table
     best_panel, audited_panel = sweep_dir / "trials/t0/recon_latest.png", tmp_path / "elsewhere/t1/recon_latest.png"
     assert (sweep_dir / "report" / "recon_best.png").read_bytes() == best_panel.read_bytes()
     assert (sweep_dir / "report" / "recon_audited.png").read_bytes() == audited_panel.read_bytes()
@@ -474,5 +495,5 @@ def test_partial_report_loads_in_a_browser(browser, sweep_dir: Path):
     (sweep_dir / "trials" / "t0" / "recon_latest.png").unlink()
     images, errors = open_page(browser, write_report(sweep_dir, None, TWO_OBJECTIVES))
     assert not errors
-    assert sorted(src for src, _, _ in images) == ["params.png", "pareto.png", "recon_audited.png"]
+    assert sorted(src for src, _, _ in images) == ["params.png", "pareto.png", "rate_distortion.png", "recon_audited.png"]
     assert all(complete and width > 0 for _, complete, width in images), images

@@ -17,6 +17,7 @@ Each Ray instance lives in its own short folder under /tmp with its own token fi
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import time
@@ -25,14 +26,17 @@ import pytest
 import yaml
 from sqlalchemy.exc import OperationalError
 
-from conftest import SESSION_EPOCHS, SESSION_RULE
-from helpers import SMALL, kill_session, load_study, ray_env, read_csv, sweep_command
+from conftest import SESSION_CONSTRAINT, SESSION_EPOCHS, SESSION_RULE
+from helpers import SMALL, kill_session, load_study, ray_env, read_csv, sweep_command, write_subject
 from sweeps.collapse_rule import HISTORY_KEYS, CollapseRule, ScheduleTargets, collapse_streak, numeric_rows
 from vae.config import load_experiment
 from vae.run_files import CONFIG_YAML
 
 STATES = {"completed": "COMPLETE", "collapsed": "PRUNED", "diverged": "FAIL"}
-PICTURES = ("curves.png", "pareto.png", "params.png", "recon_best.png", "recon_audited.png")
+# The baseline VAE on SMALL's scale with a likelihood in the right units (no DIP keys: exp1 has no DIP).
+SOUND_BASELINE = {**{k: v for k, v in SMALL.items() if not k.startswith("objective.dip")},
+                  "objective.likelihood": "gaussian", "objective.sigma2": 0.05}
+PICTURES = ("curves.png", "pareto.png", "rate_distortion.png", "params.png", "recon_best.png", "recon_audited.png")
 
 
 # --------------------------------------------------------------------------- the session sweep
@@ -88,10 +92,18 @@ def test_study_matches_the_trials_table(session_sweep):
         params = {"objective.kl.schedule": "constant", **session_sweep.points[row["enqueued"]][0]}
         assert trial.user_attrs["run_name"] == row["trial_id"] and trial.params == params
         if row["status"] == "completed":
-            # told the last epoch's objectives: AU (max) and recon(mu) (min)
-            assert trial.values == [float(row["final/au"]), float(row["final/recon_mu"])]
+            # told the last epoch's objectives: the semantic probe (max; the phantom has factors) and recon(mu) (min)
+            assert trial.values == [float(row["final/semantic_r2"]), float(row["final/recon_mu"])]
         else:
             assert trial.values is None
+        if row["status"] == "collapsed":  # breaks every constraint: TPE must never prefer it
+            assert trial.constraints == {"prior_kl_dim_max": math.inf} and row["feasible"] == "false"
+        elif row["state"] in ("COMPLETE", "PRUNED"):  # TPE models both: both carry the constraint
+            excess = float(row["final/prior_kl_dim_max"]) - SESSION_CONSTRAINT["max"]
+            assert trial.constraints == {"prior_kl_dim_max": pytest.approx(excess)}
+            assert row["feasible"] == ("true" if excess <= 0 else "false")
+        else:
+            assert trial.constraints == {} and row["feasible"] == ""
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
 
 
@@ -132,11 +144,37 @@ def test_the_report_shows_the_sweep(session_sweep):
     for name in PICTURES:
         assert (report / name).read_bytes().startswith(b"\x89PNG"), name
         assert f'src="{name}"' in page
-    assert "importances.png: au: 1 completed trial(s) in the study; importances need 2 or more" in page
+    assert "importances.png: semantic_r2: 1 completed trial(s) in the study; importances need 2 or more" in page
     best = page[page.index("Best trial (best.yaml)"):]
     best = best[:best.index("<h2>", 4)]
     sound = next(r for r in read_csv(session_sweep.out_dir / "trials.csv") if r["enqueued"] == "sound")
     assert f"<td>{sound['trial_id']}</td>" in best  # the trial best.yaml names
+
+
+def test_data_without_factors_optimises_the_channel_information(scratch):
+    """NIfTI subjects without segmentation: semantic_r2 cannot be probed, so the sweep says so and optimises
+    its fallback, channel_nats, as recorded in sweep.json and told to the study."""
+    data = scratch / "plain"
+    for i in range(6):
+        write_subject(data, f"BraTS2021_{i:05d}", seed=i, seg=False)
+    raw = {"experiment": "exp1_baseline_vae", "overrides": {**SOUND_BASELINE, "data.val_fraction": 0.5},
+           "space": {"objective.kl.beta": {"low": 0.01, "high": 0.1, "log": True}},
+           "budget": {"num_samples": 1, "max_epochs": 1}, "resources": {"cpus_per_trial": 1}}
+    path = scratch / "plain_sweep.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    done = subprocess.run(sweep_command(path, scratch / "results", "--run", "r1", "--data", str(data)),
+                          env=ray_env(scratch), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "objective semantic_r2 (max) is channel_nats instead" in done.stderr
+    assert "no validation subject has a segmentation" in done.stderr
+    out_dir = scratch / "results" / "plain_sweep" / "r1"
+    record = json.loads((out_dir / "sweep.json").read_text())
+    assert [o["metric"] for o in record["spec"]["objectives"]] == ["channel_nats", "recon_mu"]
+    (trial,) = load_study(out_dir).get_trials()
+    (row,) = read_csv(out_dir / "trials.csv")
+    assert trial.values == [float(row["final/channel_nats"]), float(row["final/recon_mu"])]
+    assert float(row["final/semantic_r2"]) == 0.0 and float(read_csv(out_dir / row["run_dir"] / "epochs.csv")[0][
+        "probe_subjects"]) == 0.0
 
 
 # --------------------------------------------------------------------------- kill and resume (system)

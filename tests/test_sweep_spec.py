@@ -99,6 +99,20 @@ ERRORS = {
         changed(space={"objective.kl.beta": {"low": 0.0, "high": 1.0, "log": True}}), "a log range needs bounds > 0"
     ),
     "objective nobody reports": (changed(objectives=[{"metric": "au_typo", "mode": "max"}]), "no trial reports 'au_typo'"),
+    "fallback objective nobody reports": (
+        changed(objectives=[{"metric": "semantic_r2", "mode": "max", "without_factors": "nats_typo"}]),
+        "objectives[0].without_factors: no trial reports 'nats_typo'",
+    ),
+    "fallback repeats an objective": (
+        changed(objectives=[{"metric": "semantic_r2", "mode": "max", "without_factors": "recon_mu"},
+                            {"metric": "recon_mu", "mode": "min"}]), "objectives name a metric twice",
+    ),
+    "constraint on a metric nobody reports": (
+        changed(constraints=[{"metric": "prior_typo", "max": 1.0}]), "constraints[0].metric: no trial reports 'prior_typo'"
+    ),
+    "constraint with two bounds": (
+        changed(constraints=[{"metric": "prior_kl_dim_max", "max": 1.0, "min": 0.0}]), "give exactly one of max or min"
+    ),
     "asha metric nobody reports": (
         changed(early_stop={"mode": "asha", "asha": {"metric": "loss_typo", "mode": "min"}}),
         "early_stop.asha.metric: no trial reports 'loss_typo'",
@@ -267,8 +281,9 @@ def test_enqueued_points_are_checked_against_conditions(tmp_path):
 # --------------------------------------------------------------------------- the collapse rule
 
 
-def row(kl_weight=1.0, au=0.0, kl_raw=0.1, dip_weight=1.0, capacity=0.0):
-    return {"kl_weight": kl_weight, "au": au, "kl_raw": kl_raw, "dip_weight": dip_weight, "capacity": capacity}
+def row(kl_weight=1.0, au=0.0, kl_raw=0.1, dip_weight=1.0, capacity=0.0, z_sensitivity=0.5, channel_nats=5.0):
+    return {"kl_weight": kl_weight, "au": au, "kl_raw": kl_raw, "dip_weight": dip_weight, "capacity": capacity,
+            "z_sensitivity": z_sensitivity, "channel_nats": channel_nats}
 
 
 HEALTHY = row(au=3.0, kl_raw=20.0)
@@ -297,6 +312,14 @@ PLAIN = ScheduleTargets(beta=1.0, capacity_max=None, dip=False)
         # without au_min (the default) a tiny KL is collapse whatever AU says: free bits inflate AU for nothing
         ([row(au=3.0), row(au=5.0), row(au=0.0, kl_raw=0.6)], CollapseRule(kl_min=0.5, patience=3), PLAIN, 0),
         ([row(au=3.0), row(au=5.0)], CollapseRule(kl_min=0.5, patience=3), PLAIN, 2),
+        # a decoder that ignores z is collapsed however many nats the code holds; one that reads z is not
+        ([HEALTHY | {"z_sensitivity": 0.001}] * 2, CollapseRule(kl_min=0.5, z_sensitivity_min=0.01), PLAIN, 2),
+        ([HEALTHY | {"z_sensitivity": 0.02}] * 2, CollapseRule(kl_min=0.5, z_sensitivity_min=0.01), PLAIN, 0),
+        ([HEALTHY | {"z_sensitivity": 0.001}] * 2, CollapseRule(kl_min=0.5), PLAIN, 0),  # off unless given
+        ([row(z_sensitivity=0.9)] * 2, CollapseRule(kl_min=0.5, z_sensitivity_min=0.01), PLAIN, 2),  # KL still counts
+        # free bits: KL_raw 8.7 nats of a constant shift of mu, no channel information (a measured trial)
+        ([HEALTHY | {"kl_raw": 8.7, "channel_nats": 0.0}] * 2, CollapseRule(kl_min=2.0, channel_min=0.1), PLAIN, 2),
+        ([HEALTHY | {"channel_nats": 0.16}] * 2, CollapseRule(kl_min=2.0, channel_min=0.1), PLAIN, 0),
     ],
 )
 def test_collapse_streak(rows, rule, targets, expected):
@@ -384,6 +407,18 @@ def test_reported_metrics_come_from_the_training_loop():
     assert "status" not in names and "diverged_term" not in names and "ssim/t2w" not in names
 
 
+def test_without_factors_the_semantic_objective_becomes_the_channel_information(tmp_path):
+    sweep = load_sweep(str(write_sweep(tmp_path, MINIMAL)))
+    assert sweep.objectives == [("semantic_r2", "max"), ("recon_mu", "min")]  # the defaults
+    assert [c.describe() for c in sweep.spec.constraints] == ["prior_kl_dim_max <= 1"]
+    assert sweep.for_data(has_factors=True) == (sweep, [])
+    plain, (note,) = sweep.for_data(has_factors=False)
+    assert plain.objectives == [("channel_nats", "max"), ("recon_mu", "min")]
+    assert "no segmentation or factor table" in note and "semantic_r2 (max) is channel_nats" in note
+    assert plain.for_data(has_factors=False) == (plain, [])  # recorded as resolved, a resumed run keeps it
+    assert Sweep.from_record(plain.record()).objectives == plain.objectives
+
+
 def test_param_labels_are_short_and_unique():
     names = ["objective.kl.warmup_epochs", "objective.dip.warmup_epochs", "objective.kl.beta", "free_bits"]
     assert param_labels(names) == {
@@ -398,6 +433,40 @@ def test_best_trial_is_pareto_optimal_and_best_on_the_first_objective():
         study.add_trial(optuna.trial.create_trial(values=[au, recon]))
     assert best_trial(study, [("au", "max"), ("recon_mu", "min")]).values == [8, 0.4]
     assert best_trial(optuna.create_study(), [("au", "max")]) is None
+
+
+def test_collapsed_trials_break_every_constraint_so_tpe_never_prefers_them():
+    """A collapsed code sits at the prior and would meet a prior constraint; told so, TPE would rank it
+    above every healthy trial that breaks the constraint (pinned below). Told infinitely infeasible, it
+    ranks last; a healthy trial is told its excess, an ASHA-stopped one too."""
+    from optuna.samplers._tpe.sampler import _split_trials
+
+    from sweeps.collapse_rule import Outcome
+    from sweeps.search import constraint_value
+    from sweeps.spec import Constraint
+
+    bound = Constraint(metric="prior_kl_dim_max", max=1.0)
+    assert constraint_value(bound, Outcome("collapsed", ""), {"prior_kl_dim_max": 0.03}) == math.inf
+    assert constraint_value(bound, Outcome("completed", ""), {"prior_kl_dim_max": 7.5}) == pytest.approx(6.5)
+    assert constraint_value(bound, Outcome("asha_stopped", ""), {"prior_kl_dim_max": 0.5}) == pytest.approx(-0.5)
+    assert constraint_value(bound, Outcome("completed", ""), {}) == math.inf
+    assert constraint_value(Constraint(metric="semantic_r2", min=0.2), Outcome("completed", ""),
+                            {"semantic_r2": 0.5}) == pytest.approx(-0.3)
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    beta = optuna.distributions.FloatDistribution(0.0, 1.0)
+    for i, excess in enumerate([6.5, 16.7, 7.8]):  # healthy, all beyond the bound
+        study.add_trial(optuna.trial.create_trial(params={"b": i / 10}, distributions={"b": beta},
+                                                  values=[0.4, 0.1], system_attrs={"constraints:c": excess}))
+    collapsed = {"state": optuna.trial.TrialState.PRUNED, "params": {"b": 0.9}, "distributions": {"b": beta}}
+    study.add_trial(optuna.trial.create_trial(**collapsed, system_attrs={"constraints:c": -0.97}))
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+    good, _ = _split_trials(study, trials, 1)
+    assert [t.number for t in good] == [3]  # the pinned hazard: a feasible collapsed trial is "good"
+    study.add_trial(optuna.trial.create_trial(**collapsed, system_attrs={"constraints:c": math.inf}))
+    trials = [t for t in study.get_trials() if t.number != 3]
+    good, _ = _split_trials(study, trials, 2)
+    assert [t.number for t in good] == [0, 2]  # the smallest excesses; the collapsed trial last
 
 
 def test_tpe_ranks_pruned_trials_after_every_completed_one():

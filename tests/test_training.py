@@ -32,7 +32,8 @@ MODALITIES = ["t1c", "t2f"]
 EXPECTED_KEYS = [
     "epoch", "au", "kl_raw", "recon_mu", "status",
     "au_fraction", "kl_constrained", "kl_per_dim_max", "mi", "recon_zero", "z_sensitivity", "recon_mu_vs_z",
-    "mu_var_mean", "channel_nats", "prior_kl", "logvar_mean", "z_std", "mu_max_offdiag_corr", "ssim_mean",
+    "mu_var_mean", "channel_nats", "val_subjects", "semantic_r2", "location_r2", "size_r2", "probe_subjects", "prior_kl",
+    "prior_kl_dim_max", "logvar_mean", "z_std", "mu_max_offdiag_corr", "ssim_mean",
     "psnr_mean", "ssim/t1c", "ssim/t2f", "psnr/t1c", "psnr/t2f",
     "train/loss", "train/recon", "train/kl_raw", "train/kl_constrained", "train/dip_penalty", "train/tc",
     "val/loss", "val/recon", "kl_weight", "dip_weight", "tc_weight", "capacity",
@@ -327,3 +328,75 @@ def test_ddp_divergence_stops_every_rank_together(tmp_path):
     assert ranks[0]["checkpoints"] == [True, False] and ranks[1]["checkpoints"] == [False, False]
     assert len(csv_rows(tmp_path / "run" / "epochs.csv")) == 2
     assert os.path.isfile(tmp_path / "run" / "checkpoint" / "checkpoint.pt")
+
+
+# --------------------------------------------------------------------------- probes per epoch, under DDP
+
+PROBED = 7  # validation subjects: 2 ranks get 4 each, one of them a padding repeat
+
+
+def _probe_set() -> tuple[Volumes, torch.nn.Module]:
+    """7 blob volumes whose blob centre is their factor table, and an untrained tiny model."""
+    from vae.data.subject_factors import FactorTable
+    from vae.models import build_model
+
+    blob, centres = moving_blob_volumes(PROBED, size=16, seed=5)
+    volumes = Volumes(torch.cat([blob, -0.5 * blob.flip(-1)], dim=1))
+    volumes.factors = FactorTable(("tumour_centroid_x", "tumour_centroid_y", "tumour_log_volume"),
+                                  np.column_stack([centres[:, :2].numpy(), np.arange(PROBED, dtype=float)]))
+    cfg = config(epochs=1)
+    torch.manual_seed(0)
+    return volumes, build_model(cfg.model, cfg.in_channels, cfg.data.size)
+
+
+def _validate_probes(loader: DataLoader, volumes: Volumes, model: torch.nn.Module) -> dict:
+    from vae.training import validate
+
+    val = validate(model, loader, config(epochs=1), epoch=0.0, dataset_size=8, factors=volumes.factors,
+                   keep_posteriors=True)
+    return {"metrics": {k: v for k, v in val.metrics.items() if k.startswith("probe") or k.endswith("_r2")},
+            "val_subjects": val.metrics["val_subjects"], "mu": val.posteriors[0].tolist()}
+
+
+def _probe_worker(rank: int, init_file: str, out_dir: str) -> None:
+    from vae.training import Indexed
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        volumes, model = _probe_set()
+        loader = _distributed_loader(DataLoader(Indexed(volumes), batch_size=2))
+        Path(out_dir, f"probe{rank}.json").write_text(json.dumps(_validate_probes(loader, volumes, model)))
+        del model
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_validation_probes_under_ddp_count_each_subject_once(tmp_path):
+    """Padding repeats a subject on one rank: the gathered posteriors hold each subject once, in item
+    order, so the probes equal one process's over the same 7 subjects."""
+    from vae.training import Indexed
+
+    context = mp.spawn(_probe_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the DDP ranks did not finish within 120 s")
+    volumes, model = _probe_set()
+    single = _validate_probes(DataLoader(Indexed(volumes), batch_size=3), volumes, model)
+    for r in range(WORLD):
+        ranked = json.loads((tmp_path / f"probe{r}.json").read_text())
+        assert len(ranked["mu"]) == PROBED
+        assert np.allclose(ranked["mu"], single["mu"], atol=1e-6)
+        assert ranked["metrics"] == pytest.approx(single["metrics"], abs=1e-6)  # float32 codes from other batches
+        assert ranked["val_subjects"] == PROBED  # not the 8 rows the two ranks saw
+    metrics = single["metrics"]
+    assert metrics["probe_subjects"] == PROBED
+    assert single["val_subjects"] == PROBED
+    assert set(metrics) == {"semantic_r2", "location_r2", "size_r2", "probe_subjects", "probe_r2/tumour_centroid_x",
+                            "probe_r2/tumour_centroid_y", "probe_r2/tumour_log_volume"}
+    assert metrics["location_r2"] == pytest.approx(
+        (metrics["probe_r2/tumour_centroid_x"] + metrics["probe_r2/tumour_centroid_y"]) / 2)

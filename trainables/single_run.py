@@ -89,13 +89,15 @@ def run(args: argparse.Namespace) -> int:
 
     import ray
 
-    from vae.data.sources import prepared_cache
+    from vae.data.sources import prepared_cache, validation_warnings
 
     from .resources import max_concurrent_trials
     from .trial import trial_config
 
     check_writable(run_root, "--results")  # now, rather than from inside Ray
     cache = prepared_cache(cfg.data, progress=True)  # once, before any worker starts
+    for line in validation_warnings(cfg.data, cache):
+        print(line, file=sys.stderr, flush=True)
     config = trial_config(cfg, cache, run_root, resources, run_name=RUN_NAME)
     run_dir = run_root / RUN_NAME
     start_ray(args.address, resources, dashboard=not args.no_dashboard, worker_logs=args.worker_logs)

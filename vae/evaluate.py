@@ -41,9 +41,9 @@ from vae.checkpoint import find_checkpoint, load_checkpoint
 from vae.config import ConfigError, ExperimentConfig, load_experiment
 from vae.data import CachedVolumes, DataError, Manifest
 from vae.data.sources import prepared_cache
-from vae.data.subject_factors import LOCATION_FACTORS, SIZE_FACTORS, Factors, merge_factors, read_factor_table
+from vae.data.subject_factors import Factors, FactorTable, merge_factors, read_factor_table
 from vae.evaluation.factor_metrics import dci, mig_per_factor
-from vae.evaluation.probes import MIN_SUBJECTS, draw_samples, probe_r2
+from vae.evaluation.probes import MIN_SUBJECTS, SAMPLES, draw_samples, probe_r2, semantic_r2
 from vae.models import build_model
 from vae.panels import figure_png
 from vae.run_files import CONFIG_YAML, atomic_write
@@ -51,7 +51,6 @@ from vae.training import default_device, validate
 
 EVALUATION_JSON, EVALUATION_PNG = "evaluation.json", "evaluation.png"
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
-SAMPLES = 10  # draws of z per subject for the probes through the channel
 METRICS = ("au", "channel_nats", "mi", "kl_raw", "prior_kl", "recon_mu", "recon_zero", "z_sensitivity")
 
 
@@ -110,17 +109,6 @@ def factor_scores(mu: np.ndarray, z: np.ndarray, values: np.ndarray, seed: int) 
     return scores
 
 
-def semantic_r2(factors: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-    """The through-channel probe R^2 of the tumour's location (its centroid) and size, and their mean."""
-    def mean_of(names: Sequence[str]) -> float:
-        values = [factors[n]["probe_r2_z"] for n in names if n in factors and math.isfinite(factors[n]["probe_r2_z"])]
-        return float(np.mean(values)) if values else math.nan
-
-    location, size = mean_of(LOCATION_FACTORS), mean_of(SIZE_FACTORS)
-    both = [v for v in (location, size) if math.isfinite(v)]
-    return {"location_r2": location, "size_r2": size, "semantic_r2": float(np.mean(both)) if both else math.nan}
-
-
 def evaluate_run(
     run_dir: str | Path, data: str | None = None, factors_csv: str | Path | None = None, samples: int = SAMPLES,
     seed: int = 0, device: torch.device | None = None,
@@ -139,17 +127,16 @@ def evaluate_run(
     mu, logvar = (t.double().numpy() for t in val.posteriors)
     z = draw_samples(mu, logvar, samples, seed)
 
-    names = sorted({name for row in factors.values() for name in row})
-    table = np.array([[factors[s].get(name, math.nan) for name in names] for s in dataset.ids]).reshape(len(mu), -1)
-    scores = {name: factor_scores(mu, z, table[:, k], seed) for k, name in enumerate(names)}
+    table = FactorTable.of(factors, dataset.ids) or FactorTable((), np.zeros((len(mu), 0)))
+    scores = {name: factor_scores(mu, z, table.values[:, k], seed) for k, name in enumerate(table.names)}
     metrics = {key: val.metrics[key] for key in METRICS}
     metrics |= {"channel_nats_per_dim": val.metrics["channel_nats_per_dim"], "samples_per_subject": samples}
-    metrics |= semantic_r2(scores)
+    metrics |= semantic_r2({name: s["probe_r2_z"] for name, s in scores.items()})
     record = {
         "run": str(run_dir.resolve()), "data": str(cache), "subjects": len(mu), "metrics": metrics,
         "factors": {name: {k: v for k, v in s.items() if k != "predicted"} for name, s in scores.items()},
     }
-    return record, evaluation_figure(record, scores, table, names)
+    return record, evaluation_figure(record, scores, table.values, table.names)
 
 
 # --------------------------------------------------------------------------- the picture

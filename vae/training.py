@@ -25,8 +25,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from vae.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from vae.config import ExperimentConfig, dump_experiment
+from vae.data.subject_factors import FactorTable
 from vae.dist import all_gather_objects, all_reduce_mean, all_reduce_sum, rank, world_size
 from vae.evaluation.diagnostics import ValidationAccumulator
+from vae.evaluation.probes import PROBE_KEYS, channel_probe_metrics, probe_key
 from vae.loss import compute_loss
 from vae.models import VAE, build_model
 from vae.panels import reconstruction_panel, save_panel
@@ -38,8 +40,8 @@ from vae.run_files import (
 # Reported per epoch after the diagnostics named first, in this order.
 DIAGNOSTIC_KEYS = (
     "au_fraction", "kl_constrained", "kl_per_dim_max", "mi", "recon_zero", "z_sensitivity", "recon_mu_vs_z",
-    "mu_var_mean", "channel_nats", "prior_kl", "logvar_mean", "z_std", "mu_max_offdiag_corr", "ssim_mean",
-    "psnr_mean",
+    "mu_var_mean", "channel_nats", "val_subjects", *PROBE_KEYS, "prior_kl", "prior_kl_dim_max", "logvar_mean", "z_std",
+    "mu_max_offdiag_corr", "ssim_mean", "psnr_mean",
 )
 # Per latent dimension, written to latents.jsonl.
 LATENT_KEYS = ("kl_per_dim", "mu_var_per_dim", "channel_nats_per_dim")
@@ -99,6 +101,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
+
+
+class Indexed(Dataset):
+    """``dataset``'s items as ``(item, index)``: a validation row stays tied to its subject whatever
+    sampler (a DistributedSampler pads ranks with repeats) delivers it."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.dataset[index], index
 
 
 def _volumes(batch: object, device: torch.device) -> torch.Tensor:
@@ -198,7 +214,7 @@ def train_epoch(
 class ValidationPass:
     metrics: dict  # ValidationAccumulator.result() plus val/loss, val/recon and SCHEDULE_KEYS
     example: tuple[torch.Tensor, ...] | None  # x, x_hat(mu), x_hat(z), x_hat(0) of the first volume, [C, D, H, W]
-    posteriors: tuple[torch.Tensor, torch.Tensor] | None = None  # mu, logvar [N, z_dim] in batch order (CPU)
+    posteriors: tuple[torch.Tensor, torch.Tensor] | None = None  # mu, logvar [N, z_dim] by item index (CPU)
 
 
 @torch.no_grad()
@@ -212,14 +228,19 @@ def validate(
     precision: Precision = Precision(),
     keep_example: bool = False,
     keep_posteriors: bool = False,
+    factors: FactorTable | None = None,
 ) -> ValidationPass:
-    """One pass over ``batches`` ``[B, C, D, H, W]`` filling the diagnostics, reduced across ranks.
+    """One pass over ``batches`` filling the diagnostics, reduced across ranks.
 
+    A batch is ``[B, C, D, H, W]`` volumes, or ``(volumes, indices [B])`` from an :class:`Indexed`
+    dataset (needed under DDP to tell a subject's row from a padding repeat).
     The same pass computes the training objective of ``x_hat(z)`` at the schedules'
     ``epoch`` (``val/loss``, ``val/recon``, batch-size weighted) and records the
     schedule weights in force there (``capacity`` 0 when capacity annealing is off).
-    With ``keep_example`` the first volume and its decodings come back on the CPU; with
-    ``keep_posteriors`` every volume's ``mu`` and ``logvar``, in the order of ``batches``.
+    Every subject's ``mu`` and ``logvar`` are gathered from all ranks, once each, by item index:
+    with ``factors`` (row i = item i) they feed the through-channel probes
+    (:func:`vae.evaluation.probes.channel_probe_metrics`); with ``keep_posteriors`` they come back.
+    With ``keep_example`` the first volume and its decodings come back on the CPU.
     """
     vae = unwrap(model)
     vae.eval()
@@ -227,8 +248,10 @@ def validate(
     fb = cfg.objective.free_bits
     acc = ValidationAccumulator(cfg.model.z_dim, free_bits_floor=fb.floor, free_bits_mode=fb.mode, seed=cfg.train.seed)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * B, recon * B, B
-    example, terms, template, kept = None, None, None, []
+    example, terms, template, kept, seen = None, None, None, [], 0
     for batch in batches:
+        batch, indices = batch if isinstance(batch, (tuple, list)) else (batch, torch.arange(seen, seen + len(batch)))
+        seen += len(batch)
         x = _volumes(batch, device)
         with precision.autocast(device):
             mu, logvar = vae.encode(x)
@@ -245,26 +268,37 @@ def validate(
         sums += torch.stack([terms.total.double(), terms.recon.double(), sums.new_ones(())]) * len(x)
         if keep_example and example is None:
             example = tuple(t[0].float().cpu() for t in (x, x_hat_mu, x_hat_z, x_hat_zero))
-        if keep_posteriors:
-            kept.append((mu.float().cpu(), logvar.float().cpu()))
+        kept.append((torch.as_tensor(indices).cpu(), mu.float().cpu(), logvar.float().cpu()))
     acc.reduce()  # raises on every rank alike when some rank had no batch
     loss, recon, count = all_reduce_sum(sums).tolist()
     schedule = terms.scalars()
     metrics = acc.result() | {"val/loss": loss / count, "val/recon": recon / count}
     metrics |= {key: schedule.get(key, 0.0) for key in SCHEDULE_KEYS}
-    posteriors = tuple(torch.cat(parts) for parts in zip(*kept)) if kept else None
-    return ValidationPass(metrics, example, posteriors)
+    mu, logvar = _gather_posteriors(kept)
+    metrics["val_subjects"] = float(len(mu))  # what AU, MI and the probes rest on
+    metrics |= channel_probe_metrics(mu.double().numpy(), logvar.double().numpy(), factors, seed=cfg.train.seed)
+    return ValidationPass(metrics, example, (mu, logvar) if keep_posteriors else None)
+
+
+def _gather_posteriors(kept: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's ``(indices, mu, logvar)`` batches as ``mu, logvar: [N, z_dim]`` in index order, each
+    index once (a DistributedSampler repeats items to even out the ranks). Collective."""
+    parts = [part for rank_parts in all_gather_objects(kept) for part in rank_parts]
+    indices, mu, logvar = (torch.cat(column) for column in zip(*parts))
+    _, first = np.unique(indices.numpy(), return_index=True)  # sorted indices, first occurrence of each
+    first = torch.from_numpy(first)
+    return mu[first], logvar[first]
 
 
 # --------------------------------------------------------------------------- one epoch's report
 
 
-def reported_metrics(modalities: Sequence[str]) -> tuple[str, ...]:
+def reported_metrics(modalities: Sequence[str], factors: Sequence[str] = ()) -> tuple[str, ...]:
     """The numeric metrics every epoch reports, in the order :func:`epoch_metrics` reports them
     (the two text values, ``status`` and ``diverged_term``, are left out): what sweep objectives,
-    stoppers and ASHA may name."""
+    stoppers and ASHA may name. ``factors`` are the validation set's factor names."""
     return (
-        "epoch", "au", "kl_raw", "recon_mu", *DIAGNOSTIC_KEYS,
+        "epoch", "au", "kl_raw", "recon_mu", *DIAGNOSTIC_KEYS, *(probe_key(name) for name in factors),
         *(f"ssim/{name}" for name in modalities), *(f"psnr/{name}" for name in modalities),
         *(f"train/{key}" for key in TRAIN_KEYS), "val/loss", "val/recon", *SCHEDULE_KEYS,
         "grad_norm", "epoch_seconds", "volumes_per_second",
@@ -278,6 +312,7 @@ def epoch_metrics(
     modalities: Sequence[str],
     seconds: float,
     volumes_per_second: float,
+    factors: Sequence[str] = (),
 ) -> dict[str, float | int | str]:
     """The metrics reported for ``epoch`` (1-based count of epochs run), with status "running".
 
@@ -288,6 +323,7 @@ def epoch_metrics(
         "epoch": epoch, "au": val["au"], "kl_raw": val["kl_raw"], "recon_mu": val["recon_mu"], "status": "running",
     }
     metrics |= {key: val[key] for key in DIAGNOSTIC_KEYS}
+    metrics |= {probe_key(name): val[probe_key(name)] for name in factors}
     metrics |= {f"ssim/{name}": value for name, value in zip(modalities, val["ssim"])}
     metrics |= {f"psnr/{name}": value for name, value in zip(modalities, val["psnr"])}
     metrics |= {f"train/{key}": train.means[key] for key in TRAIN_KEYS}
@@ -432,8 +468,10 @@ def fit(
         # Whole batches keep batch statistics (TC, DIP, batch norm) sound, unless none would be left.
         drop_last=len(train_set) >= batch_size * world_size(), pin_memory=device.type == "cuda",
     ))
+    factors = getattr(val_set, "factors", None)  # a FactorTable, row i = item i (CachedVolumes has one)
+    factor_names = factors.names if factors is not None else ()
     val_loader = hooks.prepare_loader(DataLoader(
-        val_set, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+        Indexed(val_set), batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
     ))
     seed_everything(derive_seed(seed, _NOISE_STREAM, rank()))  # each rank its own noise
 
@@ -462,12 +500,12 @@ def fit(
         # Validated at the schedules' position of the epoch's last training step.
         val = validate(
             model, val_loader, cfg, epoch=epoch + (steps - 1) / steps, dataset_size=len(train_set),
-            precision=precision, keep_example=draw,
+            precision=precision, keep_example=draw, factors=factors,
         )
         seconds = time.perf_counter() - began
 
         metrics = epoch_metrics(
-            epoch + 1, train, val.metrics, cfg.data.modalities, seconds, train.volumes / train_seconds
+            epoch + 1, train, val.metrics, cfg.data.modalities, seconds, train.volumes / train_seconds, factor_names,
         )
         metrics, nonfinite_key = finite_metrics(metrics)
         diverged = _any_rank(train.diverged_term is not None or nonfinite_key is not None, device)

@@ -28,6 +28,7 @@ from .figures import (
     IMPORTANCES_PNG,
     PARAMS_PNG,
     PARETO_PNG,
+    RATE_DISTORTION_PNG,
     RECON_AUDITED_PNG,
     RECON_BEST_PNG,
     curves_figure,
@@ -39,15 +40,16 @@ from .figures import (
     params_figure,
     pareto_figure,
     progress_figure,
+    rate_distortion_figure,
 )
 from .page import BEST_HEADING, PageContent, render_page
 from .tables import Objective, Skipped, Trial, best_trial, front_trials, load_curves, load_trials
 
 __all__ = [
-    "BEST_HEADING", "CURVES_PNG", "IMPORTANCES_PNG", "INDEX_HTML", "PARAMS_PNG", "PARETO_PNG", "RECON_AUDITED_PNG",
-    "RECON_BEST_PNG", "REPORT_DIR", "Skipped", "Trial", "best_trial", "curves_figure", "front_trials", "kl_scale",
-    "load_curves", "load_trials", "param_importances", "pareto_figure", "pareto_front", "progress_figure",
-    "write_report",
+    "BEST_HEADING", "CURVES_PNG", "IMPORTANCES_PNG", "INDEX_HTML", "PARAMS_PNG", "PARETO_PNG", "RATE_DISTORTION_PNG",
+    "RECON_AUDITED_PNG", "RECON_BEST_PNG", "REPORT_DIR", "Skipped", "Trial", "best_trial", "curves_figure",
+    "front_trials", "kl_scale", "load_curves", "load_trials", "param_importances", "pareto_figure", "pareto_front",
+    "progress_figure", "rate_distortion_figure", "write_report",
 ]
 
 REPORT_DIR = "report"
@@ -74,6 +76,10 @@ def pictures_to_draw(out_dir: Path, trials: Sequence[Trial], study: optuna.Study
         (PARETO_PNG, "Final objective values per trial" + (" and the Pareto front of the completed trials."
                                                             if len(objectives) == 2 else " and the best so far."),
          lambda: figure_png(objectives_figure(trials, objectives))),
+        (RATE_DISTORTION_PNG, "Rate (KL_raw) against distortion (recon(μ)) per trial, and the semantic probe "
+                              "(tumour location and size, R² on samples of q(z|x)) against the rate; hollow: breaks "
+                              "the sweep's constraints.",
+         lambda: figure_png(rate_distortion_figure(trials))),
         (IMPORTANCES_PNG, "Optuna fANOVA parameter importances per objective (completed trials).",
          lambda: figure_png(importances_figure(param_importances(study, objectives)))),
         (PARAMS_PNG, f"Final {au_or_first} against each parameter, coloured by status.",

@@ -10,6 +10,8 @@ Pictures (all in ``<out_dir>/report/``):
 - ``curves.png``       AU and KL_raw per epoch, one line per trial, coloured by final status
 - ``pareto.png``       two objectives: every trial's final values and the Pareto front;
                        one objective: its value per trial number and the best so far
+- ``rate_distortion.png`` every trial's rate (KL_raw) against its distortion (recon(mu)), and
+                       what its code carries of the tumour (semantic_r2) against the rate
 - ``importances.png``  Optuna's fANOVA parameter importances per objective
 - ``recon_best.png``   the best trial's last reconstruction panel (copied)
 - ``recon_audited.png`` the audited configuration's last reconstruction panel (copied)
@@ -32,6 +34,7 @@ from .tables import Curves, Objective, Skipped, Trial, front_trials, objective_v
 
 CURVES_PNG = "curves.png"
 PARETO_PNG = "pareto.png"
+RATE_DISTORTION_PNG = "rate_distortion.png"
 IMPORTANCES_PNG = "importances.png"
 RECON_BEST_PNG = "recon_best.png"
 RECON_AUDITED_PNG = "recon_audited.png"
@@ -164,6 +167,38 @@ def pareto_figure(trials: Sequence[Trial], objectives: Sequence[Objective]) -> F
             set_scale("log")
     ax.set(xlabel=axis_label(objectives[0]), ylabel=axis_label(objectives[1]),
            title=f"{len(front)} trials on the Pareto front")
+    return fig
+
+
+def rate_distortion_figure(trials: Sequence[Trial]) -> Figure:
+    """Left: rate (KL_raw, nats) against distortion (recon(mu)) per trial. Right: the through-channel
+    semantic probe R^2 against the same rate, when the trials report it. Infeasible trials (outside
+    the sweep's constraints) are drawn hollow."""
+    rate, distortion = objective_values(trials, "kl_raw"), objective_values(trials, "recon_mu")
+    if not (np.isfinite(rate) & np.isfinite(distortion)).any():
+        raise Skipped("no trial has finite final values of both kl_raw and recon_mu")
+    semantic = objective_values(trials, "semantic_r2")
+    panels = 2 if np.isfinite(semantic).any() else 1
+    fig = Figure(figsize=(6.2 * panels, 5), layout="constrained")
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    shown: set[str] = set()
+    labels = ("recon(μ) (distortion, lower is better)", "semantic R² through the channel (higher is better)")
+    for ax, y, label in zip(axes, (distortion, semantic), labels):
+        shown |= status_scatter(ax, trials, rate, y)
+        hollow = [i for i, t in enumerate(trials) if t.breaks_constraints and np.isfinite(rate[i] + y[i])]
+        ax.scatter(rate[hollow], y[hollow], s=28, c="white", zorder=3,
+                   edgecolors=[status_colour(trials[i].status) for i in hollow])
+        mark_audited(ax, trials, rate, y)
+        scale, scale_args = kl_scale(rate)
+        ax.set_xscale(scale, **scale_args)
+        ax.set(xlabel="KL_raw (rate, nats)", ylabel=label)
+    axes[0].set_title("rate–distortion: collapse sits at rate 0, an autoencoder far right")
+    if panels == 2:
+        axes[1].set_title("what the code carries needs rate, but rate alone is not enough")
+    handles = status_handles(shown)
+    if any(t.breaks_constraints for t in trials):
+        handles.append(Line2D([], [], marker="o", ls="", mfc="white", mec="0.3", label="breaks a constraint"))
+    axes[0].legend(handles=handles, fontsize=8)
     return fig
 
 

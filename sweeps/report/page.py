@@ -39,7 +39,8 @@ SIGNIFICANT_DIGITS = 3
 
 METRIC_LABELS = {
     "au": "AU", "kl_raw": "KL_raw", "recon_mu": "recon(μ)", "recon_zero": "recon(0)", "mi": "MI",
-    "z_sensitivity": "z-sensitivity",
+    "z_sensitivity": "z-sensitivity", "semantic_r2": "semantic R²", "channel_nats": "channel (nats)",
+    "prior_kl_dim_max": "max KL to prior/dim",
 }
 # Words of a parameter label written as the symbol the docs use (lambda_od -> λ_od).
 SYMBOLS = {"alpha": "α", "beta": "β", "gamma": "γ", "delta": "δ", "lambda": "λ", "mu": "μ", "sigma": "σ",
@@ -51,7 +52,7 @@ VALID_RANGES: dict[str, tuple[float | None, float | str | None]] = {
     "au": (0.0, "z_dim"), "kl_raw": (0.0, None), "mi": (0.0, None),
 }
 # The metrics the summary compares for the best and the audited trial, after the objectives.
-SUMMARY_METRICS = ("au", "kl_raw", "recon_mu")
+SUMMARY_METRICS = ("semantic_r2", "au", "kl_raw", "recon_mu", "prior_kl_dim_max")
 
 STYLE = (
     "body{font-family:system-ui,sans-serif;margin:1.5em 2em;max-width:1400px;color:#222}"
@@ -306,9 +307,16 @@ def side_by_side(content: PageContent) -> str:
         rows.append(row(label, lambda t, m=metric: metric_html(t, m), "objective" if metric in modes else ""))
     for name in param_names([t for t in pair if t]):
         rows.append(row(labels[name], lambda t, n=name: esc(param_text(t.params.get(n, ""))), name))
-    header = tr([th("")] + [th(esc("Best trial" if content.best else "no best trial yet")),
+    header = tr([th("")] + [th(esc("Best trial" if content.best else no_best(content.trials))),
                             th(esc(AUDITED_HEADING if content.audited else "no audited trial"))])
     return heading + "<table>" + header + "".join(rows) + "</table>"
+
+
+def no_best(trials: Sequence[Trial]) -> str:
+    completed = [t for t in trials if t.status == "completed"]
+    if completed and not any(t.feasible for t in completed):
+        return "no best trial: no completed trial meets the constraints"
+    return "no best trial yet"
 
 
 def trial_name(trial: Trial) -> str:
@@ -344,6 +352,8 @@ def trials_legend(content: PageContent) -> str:
     marks = ["best = the trial best.yaml names", "audited = the audited configuration"]
     if content.front is not None:
         marks.append("front = on the Pareto front of the completed trials")
+    if any(t.breaks_constraints for t in content.trials):
+        marks.append("infeasible = breaks the sweep's constraints (summary.json lists them): never best")
     if content.interrupted.continued:
         marks.append("↻ = continued after an interruption")
     return (f'<p class="legend">One row per trial, as in trials.csv; final values to 3 significant digits; '
@@ -366,6 +376,8 @@ def trial_marks(trial: Trial, content: PageContent) -> tuple[list[str], str]:
         tags.append("audited")
     if content.front is not None and any(trial is t for t in content.front):
         tags.append("front")
+    if trial.breaks_constraints:
+        tags.append("infeasible")
     css = "best" if "best" in tags else "audited" if "audited" in tags else ""
     return tags, css
 

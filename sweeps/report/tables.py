@@ -50,6 +50,12 @@ class Trial:
     best: dict[str, float]
     audited: bool
     z_dim: int | None = None
+    feasible: bool = True  # met the sweep's constraints (or it has none); a collapsed trial never does
+
+    @property
+    def breaks_constraints(self) -> bool:
+        """Healthy, but outside the sweep's constraints (a collapsed trial is told it breaks them all)."""
+        return not self.feasible and self.status != "collapsed"
 
     @property
     def label(self) -> str:
@@ -124,6 +130,7 @@ def parse_trial(row: dict[str, str], out_dir: Path, z_dim: int | None = None) ->
         best={key: to_float(value) for key, value in columns_with_prefix(row, BEST_PREFIX).items()},
         audited=to_bool(row.get("audited")),
         z_dim=to_int(params.get(Z_DIM_PARAM)) or z_dim,
+        feasible=row.get("feasible", "").strip() != "false",
     )
 
 
@@ -177,22 +184,24 @@ def objective_values(trials: Sequence[Trial], metric: str) -> np.ndarray:
     return np.array([trial.metric(metric) for trial in trials], dtype=float)
 
 
-def completed_trials(trials: Sequence[Trial]) -> list[Trial]:
-    """The trials that ran to the end: the only ones that can be best or on the front (as in the study)."""
-    return [t for t in trials if t.status == "completed"]
+def eligible_trials(trials: Sequence[Trial]) -> list[Trial]:
+    """The trials that ran to the end and meet the sweep's constraints: the only ones that can be best or
+    on the front (as in the study)."""
+    return [t for t in trials if t.status == "completed" and t.feasible]
 
 
 def best_trial(trials: Sequence[Trial], objectives: Sequence[Objective]) -> Trial | None:
     """The sweep's best trial, as ``best.yaml`` names it (:func:`sweeps.selection.best_index` over the
-    completed trials' final values)."""
-    completed = completed_trials(trials)
-    points = [[t.metric(metric) for metric, _ in objectives] for t in completed]
+    eligible trials' final values)."""
+    eligible = eligible_trials(trials)
+    points = [[t.metric(metric) for metric, _ in objectives] for t in eligible]
     best = best_index(points, [mode for _, mode in objectives])
-    return None if best is None else completed[best]
+    return None if best is None else eligible[best]
 
 
 def front_trials(trials: Sequence[Trial], objectives: Sequence[Objective]) -> list[Trial]:
-    """The completed trials on the Pareto front of ``objectives`` (:func:`sweeps.selection.pareto_front`), in table order."""
-    completed = completed_trials(trials)
-    points = np.stack([objective_values(completed, metric) for metric, _ in objectives], axis=1)
-    return [completed[i] for i in pareto_front(points, [mode for _, mode in objectives])]
+    """The eligible trials on the Pareto front of ``objectives`` (:func:`sweeps.selection.pareto_front`), in table
+    order."""
+    eligible = eligible_trials(trials)
+    points = np.stack([objective_values(eligible, metric) for metric, _ in objectives], axis=1)
+    return [eligible[i] for i in pareto_front(points, [mode for _, mode in objectives])]

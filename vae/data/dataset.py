@@ -19,10 +19,13 @@ from vae.run_files import atomic_write
 
 from .cache import Manifest
 from .discovery import DataError
+from .subject_factors import FactorTable
 
 
 class CachedVolumes(Dataset):
-    """Item ``i``: subject ``ids[i]`` as a float16 tensor ``[C, N, N, N]`` (as cached).
+    """Item ``i``: subject ``ids[i]`` as a float16 tensor ``[C, N, N, N]`` (as cached); its
+    factors (from the segmentation and the factor table ``prepare`` was given) are row ``i`` of
+    :attr:`factors`.
 
     With ``flip=True`` each spatial axis is flipped with probability 1/2, drawn from
     ``(seed, epoch, index)`` so an epoch is reproducible; call :meth:`set_epoch` each epoch
@@ -42,6 +45,7 @@ class CachedVolumes(Dataset):
             raise DataError(message, cache_dir)
         self.files = [str(Path(cache_dir) / manifest.entries[i]["file"]) for i in self.ids]
         self.shape = manifest.shape
+        self.factors = FactorTable.of(manifest.factors, self.ids)  # rows in item order; None without factors
         self.modalities = manifest.params.modalities
         self.flip, self.seed, self.epoch = flip, seed, 0
 

@@ -16,7 +16,7 @@ from typing import Iterator
 
 from vae.config import DataConfig
 
-from .cache import check_pending, is_cache, prepare
+from .cache import Manifest, check_pending, is_cache, prepare
 from .dataset import CachedVolumes, load_split, save_split, split_subjects
 from .preprocess import PreprocessParams
 
@@ -103,3 +103,42 @@ def training_datasets(data: DataConfig, cache: Path, split_file: Path | None = N
         if split_file is not None:
             save_split(split_file, train_ids, val_ids, seed=data.split_seed, val_fraction=data.val_fraction)
     return CachedVolumes(cache, train_ids, flip=data.flip, seed=data.split_seed), CachedVolumes(cache, val_ids)
+
+
+def validation_ids(data: DataConfig, manifest: Manifest) -> list[str]:
+    """The validation subjects a new run of ``data`` gets from this cache (:func:`training_datasets`)."""
+    ids = manifest.subject_ids
+    return split_subjects(ids, data.val_fraction, data.split_seed)[1] if len(ids) > 1 else ids
+
+
+def validation_has_factors(data: DataConfig, cache: Path) -> bool:
+    """Whether any validation subject has a factor to probe the code with."""
+    manifest = Manifest.load(cache)
+    factors = manifest.factors
+    return any(factors[s] for s in validation_ids(data, manifest))
+
+
+def validation_warnings(data: DataConfig, cache: Path) -> list[str]:
+    """What a user should know, before training, about what the validation set of ``data`` can measure.
+
+    AU, MI and the through-channel probes are statistics over the validation subjects. Below
+    :data:`~vae.evaluation.probes.MIN_VALIDATION_SUBJECTS` a probe's R^2 spreads by more than 0.1
+    from one draw of subjects to the next (``bench/probe_subjects.py`` measures it).
+    """
+    from vae.evaluation.probes import MIN_VALIDATION_SUBJECTS
+
+    manifest = Manifest.load(cache)
+    ids, val_ids = manifest.subject_ids, validation_ids(data, manifest)
+    lines = []
+    if len(val_ids) < MIN_VALIDATION_SUBJECTS:
+        lines.append(
+            f"warning: the validation set holds {len(val_ids)} of {len(ids)} subjects (data.val_fraction "
+            f"{data.val_fraction}); AU, MI and the probes of what the code carries need at least "
+            f"{MIN_VALIDATION_SUBJECTS} to tell a code from chance: raise data.val_fraction or give more subjects"
+        )
+    if not validation_has_factors(data, cache):
+        lines.append(
+            "note: no validation subject has a segmentation or factor row, so nothing can say whether the code "
+            "carries the tumour (semantic_r2 reads 0); give segmentations or prepare with --factors CSV"
+        )
+    return lines

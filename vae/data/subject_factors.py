@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import csv
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -137,4 +138,21 @@ def merge_factors(base: Mapping[str, Mapping[str, float]], extra: Factors, subje
         raise DataError(f"none of its {len(extra)} subjects (e.g. '{example}') is among the {len(subjects)} of the "
                         f"data (e.g. '{subjects[0] if subjects else ''}'); check that its subject ids match", source)
     return {s: {**base.get(s, {}), **extra.get(s, {})} for s in subjects}
+
+
+@dataclass(frozen=True)
+class FactorTable:
+    """Factors as an array: ``values[i, k]`` is factor ``names[k]`` of the i-th subject (NaN: undefined)."""
+
+    names: tuple[str, ...]
+    values: np.ndarray  # [subjects, factors] float64
+
+    @staticmethod
+    def of(factors: Mapping[str, Mapping[str, float]], subjects: Sequence[str]) -> "FactorTable | None":
+        """The table of ``subjects`` in that order, its columns every factor any of them has; None when none has one."""
+        names = tuple(sorted({name for s in subjects for name in factors.get(s, {})}))
+        if not names:
+            return None
+        values = np.array([[factors.get(s, {}).get(name, math.nan) for name in names] for s in subjects], np.float64)
+        return FactorTable(names, values.reshape(len(subjects), len(names)))
 

@@ -173,6 +173,19 @@ def aggregate_posterior_kl(mean: torch.Tensor, covariance: torch.Tensor) -> floa
     return float(0.5 * (covariance.trace() + mean @ mean - len(mean) - logdet))
 
 
+def marginal_prior_kl(mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+    """Per latent dimension, ``KL(N(m_j, v_j) || N(0, 1)) = 0.5 * (v_j + m_j^2 - 1 - log v_j)`` nats:
+    how far the aggregate posterior's marginal (mean ``[D]``, variance ``[D]`` = Var(mu_j) + E[sigma_j^2])
+    is from the prior's. Unlike the joint :func:`aggregate_posterior_kl` it needs no more subjects
+    than dimensions to be estimated well. 0 for a closed dimension (m 0, v 1); 1 nat at v ~ 0.05 or 4.5."""
+    mean, variance = mean.double(), variance.double()
+    if mean.shape != variance.shape or mean.ndim != 1:
+        raise ValueError(f"mean and variance must be [D] alike, got {tuple(mean.shape)}, {tuple(variance.shape)}")
+    if (variance <= 0).any():
+        raise ValueError("variance must be positive")
+    return 0.5 * (variance + mean.pow(2) - 1.0 - variance.log())
+
+
 def max_offdiag_correlation(cov: torch.Tensor) -> float:
     """Largest |corr_ij|, i != j, of a covariance ``cov: [D, D]``; any positive multiple works too.
 
@@ -475,6 +488,7 @@ class ValidationAccumulator:
             "channel_nats": float(capacity.sum()),
             "channel_nats_per_dim": capacity.tolist(),
             "prior_kl": aggregate_posterior_kl(self._mu.mean, mu_cov + torch.diag(sigma2_mean)),
+            "prior_kl_dim_max": float(marginal_prior_kl(self._mu.mean, mu_var.clamp(min=0) + sigma2_mean).max()),
             "recon_mu": float(sums["sq_err_mu"]) / voxels,
             "recon_zero": float(sums["sq_err_zero"]) / voxels,
             "recon_mu_vs_z": float(sums["sq_mu_vs_z"]) / voxels,
