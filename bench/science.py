@@ -22,6 +22,7 @@ Targets: lesion centre R^2 (mean over x, y, z, through the channel) >= 0.9 and l
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import json
 import shlex
@@ -87,8 +88,6 @@ def run_sweep(args: argparse.Namespace) -> tuple[Path, list[str]]:
 def chosen_trials(sweep_dir: Path) -> tuple[dict, dict]:
     """The trial to retrain (best.yaml's, else the completed trial closest to the constraints) and the audited one,
     each as its trials.csv row."""
-    import csv
-
     with (sweep_dir / "trials.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     summary = json.loads((sweep_dir / "summary.json").read_text())

@@ -307,16 +307,19 @@ def _ddp_worker(rank: int, init_file: str, run_dir: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_ddp_divergence_stops_every_rank_together(tmp_path):
-    context = mp.spawn(
-        _ddp_worker, args=(str(tmp_path / "init"), str(tmp_path / "run"), str(tmp_path)), nprocs=WORLD, join=False
-    )
+def run_ranks(worker, *args: str) -> None:
+    """``worker(rank, *args)`` in WORLD spawned processes; a rank still waiting after 120 s fails the test."""
+    context = mp.spawn(worker, args=args, nprocs=WORLD, join=False)
     deadline = time.monotonic() + 120
     while not context.join(timeout=1):
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
             pytest.fail("the DDP ranks did not finish within 120 s: a rank is waiting in a collective")
+
+
+def test_ddp_divergence_stops_every_rank_together(tmp_path):
+    run_ranks(_ddp_worker, str(tmp_path / "init"), str(tmp_path / "run"), str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
     for record in ranks:
         assert record["agreed"] == "tc" and record["nothing"] is None
@@ -378,13 +381,7 @@ def test_validation_probes_under_ddp_count_each_subject_once(tmp_path):
     order, so the probes equal one process's over the same 7 subjects."""
     from vae.training import Indexed
 
-    context = mp.spawn(_probe_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the DDP ranks did not finish within 120 s")
+    run_ranks(_probe_worker, str(tmp_path / "init"), str(tmp_path))
     volumes, model = _probe_set()
     single = _validate_probes(DataLoader(Indexed(volumes), batch_size=3), volumes, model)
     for r in range(WORLD):
