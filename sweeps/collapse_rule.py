@@ -140,11 +140,14 @@ def trial_outcome(
     rule: CollapseRule | None,
     stopped_by_asha: bool,
     ends_collapsed: bool = False,
+    predicted: str | None = None,
 ) -> Outcome:
     """How a trial ended, from its last reported metrics and the sweep's rules (``rule`` None: no collapse rule).
 
     ``streak`` is the trial's collapse streak and ``ends_collapsed`` whether its last epoch
-    met the collapse criterion (see :func:`collapse_history`). The collapse verdict comes
+    met the collapse criterion (see :func:`collapse_history`); ``predicted`` the reason of a
+    collapse predicted from the data's spectrum (``sweeps.prediction``), which the sweep stops
+    after the first epoch, or None. The collapse verdict comes
     before "completed": a trial collapsed in its last epochs is collapsed even when the
     budget ran out at the same moment, or before the rule's grace and patience were over. A
     trial that ended while still running, stopped by neither rule, was interrupted (the
@@ -157,6 +160,8 @@ def trial_outcome(
     if last.get("status") == "diverged":
         return Outcome("diverged", f"the {last.get('diverged_term') or 'loss'} term became NaN or infinite "
                                    f"in epoch {last.get('epoch')}")
+    if predicted:
+        return Outcome("collapsed", predicted)
     if rule is not None and streak >= rule.patience:
         return Outcome("collapsed", f"{rule.criterion()} for {streak} full-strength epochs up to epoch {last.get('epoch')}")
     if last.get("status") == "completed":

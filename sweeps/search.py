@@ -1,13 +1,15 @@
 """The Ray Tune and Optuna side of a sweep: the study, the searcher, the stopper, ASHA and the trainable.
 
-How a trial ends, as Optuna records it (stock ``OptunaSearch`` records every stopped trial
-as COMPLETE with its last value and leaves a trial whose value is NaN RUNNING forever):
+How a trial ends, as Optuna records it (Ray's stock ``OptunaSearch`` records every stopped trial
+as COMPLETE with its last value and leaves a trial whose value is NaN RUNNING forever; the
+sweep's own :class:`SweepSearch` tells Optuna what happened):
 
 ============  =========  =============================================================
 status        state      why
 ============  =========  =============================================================
 completed     COMPLETE   ran its epochs; its last values are the objectives
-collapsed     PRUNED     the collapse rule stopped it (``sweeps.collapse_rule``)
+collapsed     PRUNED     the collapse rule stopped it (``sweeps.collapse_rule``), or collapse
+                         was predicted (``sweeps.prediction``) and it stopped after epoch 1
 asha_stopped  PRUNED     ASHA stopped it
 diverged      FAIL       a loss term became NaN or infinite
 failed        FAIL       it raised, or an objective was missing or not finite
@@ -34,6 +36,7 @@ without gaps while Optuna's trial numbers count each continuation as a new trial
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -44,7 +47,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
-from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search import Searcher
 from ray.tune.stopper import Stopper
 
 from trainables.trial import train_trial
@@ -54,6 +57,8 @@ from vae.run_files import read_epochs
 from .space import RUN_NAME
 from .spec import Constraint, Sweep
 from .collapse_rule import HISTORY_KEYS, Outcome, ScheduleTargets, collapse_history, numeric_rows, trial_outcome
+
+PREDICTION_KEYS = (*HISTORY_KEYS, "recon_mu")  # the sigma-VAE's sigma^2_eff needs the first epoch's recon(mu)
 
 logger = logging.getLogger(__name__)
 
@@ -81,11 +86,19 @@ def open_study(storage: optuna.storages.BaseStorage, study_name: str, sweep: Swe
     return study
 
 
-def requeue(study: optuna.Study, trial: FrozenTrial | optuna.Trial, reason: str) -> None:
+def trial_by_number(study: optuna.Study, storage: optuna.storages.BaseStorage, number: int) -> optuna.Trial:
+    """The unfinished trial ``number`` of ``study``, to set attributes on (Optuna's storage interface)."""
+    study_id = storage.get_study_id_from_name(study.study_name)
+    return optuna.Trial(study, storage.get_trial_id_from_study_id_trial_number(study_id, number))
+
+
+def requeue(
+    study: optuna.Study, storage: optuna.storages.BaseStorage, trial: FrozenTrial | optuna.Trial, reason: str
+) -> None:
     """Close an unfinished ``trial`` as FAIL (interrupted) and enqueue its parameters and run directory again."""
-    storage = study._storage  # a finished-or-not trial is addressed by its storage id here
-    storage.set_trial_user_attr(trial._trial_id, "status", "interrupted")
-    storage.set_trial_user_attr(trial._trial_id, "stop_reason", reason)
+    running = trial if isinstance(trial, optuna.Trial) else trial_by_number(study, storage, trial.number)
+    running.set_user_attr("status", "interrupted")
+    running.set_user_attr("stop_reason", reason)
     study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
     carried = {key: trial.user_attrs[key] for key in (RUN_NAME, "enqueued", "audited") if key in trial.user_attrs}
     study.enqueue_trial(trial.params, user_attrs={**carried, "continues": trial.number})
@@ -94,11 +107,11 @@ def requeue(study: optuna.Study, trial: FrozenTrial | optuna.Trial, reason: str)
 ORPHANED = "interrupted: the sweep's driver ended while it ran; continued by a later trial"
 
 
-def requeue_orphans(study: optuna.Study, reason: str = ORPHANED) -> list[str]:
+def requeue_orphans(study: optuna.Study, storage: optuna.storages.BaseStorage, reason: str = ORPHANED) -> list[str]:
     """Run names of the trials a stopped driver left RUNNING, now closed and enqueued again."""
     orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in orphans:
-        requeue(study, trial, reason)
+        requeue(study, storage, trial, reason)
     return [trial.user_attrs.get(RUN_NAME, f"Optuna trial {trial.number}") for trial in orphans]
 
 
@@ -142,30 +155,37 @@ def params_of(config: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in config.items() if key != RUN_NAME}
 
 
-def trial_collapse(sweep: Sweep, run_root: Path, config: Mapping[str, Any]) -> tuple[int, bool]:
-    """``(streak, ends_collapsed)`` of the trial of ``config``, from its ``epochs.csv`` (see
-    :func:`sweeps.collapse_rule.collapse_history`)."""
-    rule = sweep.spec.early_stop.collapse_rule
-    if rule is None:
-        return 0, False
-    targets = ScheduleTargets.of(sweep.experiment_for(params_of(config)))
-    rows = numeric_rows(read_epochs(run_root / config[RUN_NAME]), HISTORY_KEYS)
-    return collapse_history(rows, rule, targets)
+def trial_collapse(sweep: Sweep, run_root: Path, config: Mapping[str, Any]) -> tuple[int, bool, str | None]:
+    """``(streak, ends_collapsed, predicted)`` of the trial of ``config``, from its ``epochs.csv``: its
+    collapse history (:func:`sweeps.collapse_rule.collapse_history`) and, when the sweep stops
+    predicted collapse and the trial has run an epoch, the prediction's reason (else None)."""
+    early, params = sweep.spec.early_stop, params_of(config)
+    rows = numeric_rows(read_epochs(run_root / config[RUN_NAME]), PREDICTION_KEYS)
+    predicted = None
+    if early.stops_predicted and rows:
+        prediction = sweep.predicted_collapse(params, first_epoch=rows[0])
+        predicted = prediction.reason() if prediction is not None else None
+    if early.collapse_rule is None:
+        return 0, False, predicted
+    targets = ScheduleTargets.of(sweep.experiment_for(params))
+    return (*collapse_history(rows, early.collapse_rule, targets), predicted)
 
 
 class CollapseStopper(Stopper):
-    """Stops a trial once its collapse streak reaches the rule's patience.
+    """Stops a trial once its collapse streak reaches the rule's patience, or after its first epoch
+    when its collapse is predicted.
 
-    Stateless: the streak is recomputed from the trial's own ``epochs.csv`` at every result.
+    Stateless: both are recomputed from the trial's own ``epochs.csv`` at every result.
     """
 
     def __init__(self, sweep: Sweep, run_root: Path):
         self.sweep, self.run_root = sweep, run_root
-        self.patience = sweep.spec.early_stop.collapse.patience
+        rule = sweep.spec.early_stop.collapse_rule
+        self.patience = rule.patience if rule is not None else math.inf
 
     def __call__(self, trial_id: str, result: dict) -> bool:
-        streak, _ = trial_collapse(self.sweep, self.run_root, result["config"])
-        return streak >= self.patience
+        streak, _, predicted = trial_collapse(self.sweep, self.run_root, result["config"])
+        return streak >= self.patience or predicted is not None
 
     def stop_all(self) -> bool:
         return False
@@ -197,8 +217,19 @@ class RecordingASHA(ASHAScheduler):
 # --------------------------------------------------------------------------- the searcher
 
 
-class SweepSearch(OptunaSearch):
-    """``OptunaSearch`` over a sweep's space that tells Optuna how each trial really ended (module docstring)."""
+def make_sampler(sweep: Sweep, seed: int | None) -> optuna.samplers.TPESampler:
+    """The sweep's TPE sampler (``sampler:`` in the sweep file; ``bench/samplers.py`` measures the choices)."""
+    spec = sweep.spec.sampler
+    return optuna.samplers.TPESampler(seed=seed, multivariate=spec.multivariate, group=spec.group,
+                                      constant_liar=spec.constant_liar)
+
+
+class SweepSearch(Searcher):
+    """Tune's searcher over a sweep's Optuna study: each Tune trial is one ``study.ask()`` whose
+    parameters the sweep's space samples (define-by-run), told how it really ended (module docstring).
+
+    Built on the public interfaces only: Tune's ``Searcher`` and Optuna's ask-and-tell.
+    """
 
     def __init__(
         self,
@@ -209,54 +240,67 @@ class SweepSearch(OptunaSearch):
         seed: int | None = None,
         asha: RecordingASHA | None = None,
     ):
-        metrics = [metric for metric, _ in sweep.objectives]
-        modes = [mode for _, mode in sweep.objectives]
-        super().__init__(
-            space=_DefineByRun(sweep), metric=metrics if len(metrics) > 1 else metrics[0],
-            mode=modes if len(modes) > 1 else modes[0], sampler=optuna.samplers.TPESampler(seed=seed),
-            study_name=study_name, storage=storage,
-        )
-        self.sweep, self.run_root, self.asha = sweep, run_root, asha
+        super().__init__()  # no metric or mode for Tune: the study has the sweep's objectives
+        self.sweep, self.run_root, self.asha, self.storage = sweep, run_root, asha, storage
+        self.study = optuna.load_study(study_name=study_name, storage=storage, sampler=make_sampler(sweep, seed))
+        self.trials: dict[str, optuna.Trial] = {}  # Tune trial id -> its Optuna trial
+        self.finished: set[str] = set()
         self.outcomes: dict[str, Outcome] = {}  # Tune trial id -> how it ended
         self._first_epoch: dict[str, int] = {}
 
+    def suggest(self, trial_id: str) -> dict[str, Any]:
+        ot_trial = self.trials.setdefault(trial_id, self.study.ask())
+        run_name = suggest(self.sweep, ot_trial)
+        return {**ot_trial.params, **run_name}
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         self._first_epoch.setdefault(trial_id, int(result["epoch"]))
-        if isinstance(self.metric, list):
+        if len(self.sweep.objectives) > 1 or trial_id in self.finished:
             return  # Optuna takes no intermediate values in a multi-objective study
-        value = result.get(self.metric)
+        value = result.get(self.sweep.objectives[0][0])
         if isinstance(value, (int, float)) and math.isfinite(value):
             try:
-                self._ot_trials[trial_id].report(float(value), step=int(result["epoch"]))
+                self.trials[trial_id].report(float(value), step=int(result["epoch"]))
             except (UpdateFinishedTrialError, NotImplementedError) as err:
                 logger.warning("trial %s: intermediate value not recorded: %s", trial_id, err)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is None or trial_id in self._completed_trials:
+        ot_trial = self.trials.get(trial_id)
+        if ot_trial is None or trial_id in self.finished:
             return
-        self._completed_trials.add(trial_id)
+        self.finished.add(trial_id)
         outcome, values = self._judge(trial_id, result, error)
         self.outcomes[trial_id] = outcome
         try:
             if trial_id in self._first_epoch:
                 ot_trial.set_user_attr("first_epoch", self._first_epoch[trial_id])
             if outcome.status == "interrupted":
-                requeue(self._ot_study, ot_trial, outcome.reason)
+                requeue(self.study, self.storage, ot_trial, outcome.reason)
             else:
                 self._tell(ot_trial, outcome, values, result)
         except UpdateFinishedTrialError:
             logger.warning("trial %s: already finished in the study; left as it is", trial_id)
 
+    def save(self, checkpoint_path: str) -> None:
+        """Tune's experiment checkpoint: which Optuna trial each Tune trial is (the study itself is in its storage)."""
+        state = {"trials": {tune_id: t.number for tune_id, t in self.trials.items()}, "finished": sorted(self.finished)}
+        Path(checkpoint_path).write_text(json.dumps(state))
+
+    def restore(self, checkpoint_path: str) -> None:
+        state = json.loads(Path(checkpoint_path).read_text())
+        self.trials = {tune_id: trial_by_number(self.study, self.storage, number)
+                       for tune_id, number in state["trials"].items()}
+        self.finished = set(state["finished"])
+
     def _judge(self, trial_id: str, result: dict | None, error: bool) -> tuple[Outcome, list]:
         """How the trial ended, and its objectives' last values."""
-        ot_trial, rule = self._ot_trials[trial_id], self.sweep.spec.early_stop.collapse_rule
-        streak, ends_collapsed = 0, False
+        ot_trial, rule = self.trials[trial_id], self.sweep.spec.early_stop.collapse_rule
+        streak, ends_collapsed, predicted = 0, False, None
         if result and not error:
             config = {**ot_trial.params, RUN_NAME: ot_trial.user_attrs[RUN_NAME]}
-            streak, ends_collapsed = trial_collapse(self.sweep, self.run_root, config)
+            streak, ends_collapsed, predicted = trial_collapse(self.sweep, self.run_root, config)
         asha_stopped = self.asha is not None and trial_id in self.asha.stopped
-        outcome = trial_outcome(result, error, streak, rule, asha_stopped, ends_collapsed)
+        outcome = trial_outcome(result, error, streak, rule, asha_stopped, ends_collapsed, predicted)
         metrics = [metric for metric, _ in self.sweep.objectives]
         values = [result.get(metric) for metric in metrics] if result else []
         finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
@@ -272,10 +316,10 @@ class SweepSearch(OptunaSearch):
             for constraint in self.sweep.spec.constraints:
                 ot_trial.set_constraint(constraint.metric, constraint_value(constraint, outcome, result))
         try:
-            self._ot_study.tell(ot_trial, values if state == TrialState.COMPLETE else None, state=state)
+            self.study.tell(ot_trial, values if state == TrialState.COMPLETE else None, state=state)
         except ValueError as err:  # a value Optuna refuses: never leave the trial RUNNING
             logger.warning("trial %d: %s; recorded as FAIL", ot_trial.number, err)
-            self._ot_study.tell(ot_trial, state=TrialState.FAIL)
+            self.study.tell(ot_trial, state=TrialState.FAIL)
 
 
 def constraint_value(constraint: Constraint, outcome: Outcome, result: dict | None) -> float:
@@ -289,16 +333,6 @@ def constraint_value(constraint: Constraint, outcome: Outcome, result: dict | No
     if outcome.status == "collapsed" or not (isinstance(value, (int, float)) and math.isfinite(value)):
         return math.inf
     return constraint.violation(value)
-
-
-class _DefineByRun:
-    """:func:`suggest` bound to a sweep, as a picklable callable (Tune saves the searcher's state)."""
-
-    def __init__(self, sweep: Sweep):
-        self.sweep = sweep
-
-    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
-        return suggest(self.sweep, trial)
 
 
 # --------------------------------------------------------------------------- the trainable

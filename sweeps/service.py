@@ -1,8 +1,8 @@
 """One start of a sweep: prepare the data, open the study, run the trials through Tune, write the outputs.
 
 A sweep run lives in ``results/<sweep>/<run>/`` with its own study, named
-``<sweep>-<run>`` (the default name of ``OptunaSearch`` would silently merge sweeps that
-share a storage). ``--resume`` starts a *new* Tuner on the same study rather than
+``<sweep>-<run>`` (one default name would silently merge sweeps that share a storage).
+``--resume`` starts a *new* Tuner on the same study rather than
 ``Tuner.restore``: restoring Tune's snapshot of an Optuna searcher after a kill crashed
 on trials the snapshot thought unfinished, lost trials asked after it, and a restored
 seeded sampler suggested finished configurations again. Instead, trials the killed
@@ -246,21 +246,25 @@ def execute(
     :mod:`sweeps.monitoring`). ``started`` (``time.perf_counter()``) is when the command
     began, for the wall time it reports.
     """
-    from vae.data.sources import prepared_cache, validation_has_factors, validation_warnings
+    from vae.data.sources import prepared_cache, training_spectrum, validation_has_factors, validation_warnings
 
     from .search import continuations, finished_count, open_study, requeue_orphans
 
     started = time.perf_counter() if started is None else started
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sweep = run.sweep
-    warnings = collapse_warnings(sweep) + stopping_notes(sweep)
+    warnings = stopping_notes(sweep)
     for line in warnings:
         print(line, file=sys.stderr, flush=True)
     with ray_session(sweep, address, dashboard, worker_logs) as concurrent:
-        cache = prepared_cache(sweep.experiment.data, progress=True)  # once, before any trial starts
-        sweep, notes = sweep.for_data(validation_has_factors(sweep.experiment.data, cache))
+        data = sweep.experiment.data
+        cache = prepared_cache(data, progress=True)  # once, before any trial starts
+        sweep, notes = sweep.for_data(validation_has_factors(data, cache))
+        sweep = replace(sweep, spectrum=training_spectrum(data, cache, progress=True))
         run = replace(run, sweep=sweep)
-        for line in validation_warnings(sweep.experiment.data, cache) + notes:
+        print(sweep.spectrum.describe() if sweep.spectrum else "note: fewer than 2 training subjects: no data "
+              "spectrum, so no collapse is predicted", file=sys.stderr, flush=True)
+        for line in collapse_warnings(sweep) + validation_warnings(data, cache) + notes:
             print(line, file=sys.stderr, flush=True)
             warnings.append(line)
         run.out_dir.mkdir(parents=True, exist_ok=True)
@@ -268,13 +272,13 @@ def execute(
         storage = open_storage(run.storage_url)
         study = open_study(storage, run.study_name, sweep)
         if run.resume:
-            requeue_orphans(study)  # a killed driver's; Ctrl-C requeues its own before it ends
+            requeue_orphans(study, storage)  # a killed driver's; Ctrl-C requeues its own before it ends
         continued = continuations(study)
         remaining = sweep.spec.budget.num_samples - finished_count(study)
         print(
             f"{sweep.name}{' (smoke)' if sweep.smoke else ''}: study {run.study_name} in {_masked(run.storage_url)}; "
             f"{remaining} of {sweep.spec.budget.num_samples} trials to run, {concurrent} at a time, {sweep.epochs} "
-            f"epochs each at {sweep.experiment.data.size}^3; early stop: {sweep.spec.early_stop.mode}; "
+            f"epochs each at {sweep.experiment.data.size}^3; early stop: {_early_stop(sweep)}; "
             f"sampler seed {run.seed}; results in {run.out_dir}",
             flush=True,
         )
@@ -287,8 +291,8 @@ def execute(
                     _tune(run, storage, cache, remaining, concurrent, trackers)
         finally:
             if interruption.seen:  # Tune lets go of its running trials without a word to the searcher
-                requeue_orphans(study, "interrupted: the sweep was stopped (Ctrl-C) while it ran; continued by a "
-                                       "later trial when the sweep is resumed")
+                requeue_orphans(study, storage, "interrupted: the sweep was stopped (Ctrl-C) while it ran; continued "
+                                                "by a later trial when the sweep is resumed")
             info = {
                 "sweep": sweep.name, "run": run.out_dir.name, "study": run.study_name,
                 "storage": _masked(run.storage_url), "smoke": sweep.smoke, "seed": run.seed, "warnings": warnings,
@@ -305,6 +309,14 @@ def execute(
     if interruption.seen:
         print(resume_advice(run, finished_count(study)), flush=True)
     return summary
+
+
+def _early_stop(sweep: Sweep) -> str:
+    """The early termination in force, for the start-up line."""
+    early = sweep.spec.early_stop
+    prediction = "predicted collapse stops after epoch 1" if early.stops_predicted else (
+        "predicted collapse warned only" if early.predict == "warn" and early.mode != "none" else "")
+    return early.mode + (f" ({prediction})" if prediction else "")
 
 
 def _record_start(run: SweepRun) -> None:
@@ -435,7 +447,8 @@ def _tune(
     run_root = run.out_dir / TRIALS_DIR
     asha = RecordingASHA(sweep) if sweep.spec.early_stop.uses_asha else None
     searcher = SweepSearch(sweep, run.study_name, storage, run_root, run.seed, asha)
-    stopper = CollapseStopper(sweep, run_root) if sweep.spec.early_stop.collapse_rule else None
+    early = sweep.spec.early_stop
+    stopper = CollapseStopper(sweep, run_root) if early.collapse_rule or early.stops_predicted else None
     attempt = len(list((run.out_dir / TUNE_DIR).glob("start-*"))) + 1
     tuner = tune.Tuner(
         trainable(sweep, trial_config(sweep.experiment, cache, run_root, resources)),

@@ -14,8 +14,10 @@ A sweep file::
     early_stop:
       mode: collapse                   # collapse | asha | collapse+asha | none
       collapse: {kl_min: 2.0, patience: 5, grace_epochs: 5}   # au_min: also require AU <= au_min
+      predict: stop                    # collapse predicted from the data's spectrum: stop | warn | off
       asha: {metric: recon_mu, mode: min, grace_period: 10, reduction_factor: 3}
     resources: {workers_per_trial: 1, cpus_per_trial: 4, gpus_per_trial: 1, max_failures: 1}
+    sampler: {multivariate: null, group: false, constant_liar: true}   # Optuna's TPE
     budget: {num_samples: 64, max_epochs: 100}
     enqueue:                           # evaluated first, in this order
       - {name: audited exp2, audited: true, params: {...}}
@@ -38,21 +40,18 @@ from vae.config import (
     ConfigError, ExperimentConfig, Section, deep_merge, format_validation_error, load_experiment, read_yaml,
     resolve_yaml, set_dotted, validate_experiment, yaml_names,
 )
+from vae.data.spectrum import Spectrum
 from vae.objectives import effective_sigma2
 from vae.training import reported_metrics
 
-from .space import Scalar, Space, parse_space
 from .collapse_rule import CollapseRule
+from .prediction import Prediction, predict
+from .space import Scalar, Space, parse_space
 
 SWEEP_DIR = Path(__file__).parent
 EARLY_STOP_MODES = ("collapse", "asha", "collapse+asha", "none")
 # Keys that decide what the prepared data cache holds: it is built once, before the trials.
 _CACHE_KEYS = ("data.root", "data.cache_dir", "data.size", "data.modalities", "data.phantom")
-# A latent direction stays active only if it explains more data variance than the decoder
-# variance sigma^2 (pPCA: Tipping & Bishop 1999; Lucas et al. 2019). Z-scored volumes hold a
-# total variance of about D (one per voxel), and no single direction of brain MRI explains
-# half of it: at sigma^2 >= D/2 collapse is the optimum of the loss.
-COLLAPSE_VARIANCE_SHARE = 0.5
 
 
 class Objective(Section):
@@ -95,6 +94,17 @@ class EarlyStopSpec(Section):
     mode: Literal["collapse", "asha", "collapse+asha", "none"] = "collapse"
     collapse: CollapseRule = Field(default_factory=CollapseRule)
     asha: AshaSpec = Field(default_factory=AshaSpec)
+    # Collapse predicted from the data's spectrum (sweeps.prediction): stop such a trial after its
+    # first epoch (as collapsed), only say so at start-up, or neither. Mode none stops nothing.
+    predict: Literal["stop", "warn", "off"] = "stop"
+    # predicted when sigma^2_eff >= margin * lambda_1 (a nonlinear decoder beats the best linear direction a little)
+    predict_margin: float = Field(2.0, ge=1.0)
+    # The audited point runs to show the collapse the sweep starts from, unless this is true.
+    predict_audited: bool = False
+
+    @property
+    def stops_predicted(self) -> bool:
+        return self.predict == "stop" and self.mode != "none"
 
     @property
     def collapse_rule(self) -> CollapseRule | None:
@@ -120,6 +130,20 @@ class ResourcesSpec(Section):
         return TrialResources.per_trial(
             self.workers_per_trial, self.cpus_per_trial, self.gpus_per_trial, self.max_failures
         )
+
+
+class SamplerSpec(Section):
+    """Optuna's TPE for the sweep (``bench/samplers.py`` compares the choices at 16 trials at a time)."""
+
+    multivariate: bool | None = None  # None: Optuna's choice (independent for several objectives)
+    group: bool = False  # with multivariate: one joint model per conditional sub-space
+    constant_liar: bool = True  # running trials count as bad, so parallel suggestions spread out
+
+    @model_validator(mode="after")
+    def _group_needs_multivariate(self) -> "SamplerSpec":
+        if self.group and not self.multivariate:
+            raise ValueError("sampler.group needs sampler.multivariate: true")
+        return self
 
 
 class BudgetSpec(Section):
@@ -155,6 +179,7 @@ class SweepSpec(Section):
     constraints: list[Constraint] = Field(default_factory=_default_constraints)
     early_stop: EarlyStopSpec = Field(default_factory=EarlyStopSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
     enqueue: list[EnqueuedPoint] = Field(default_factory=list)
     smoke: dict[str, Any] = Field(default_factory=dict)
@@ -184,6 +209,7 @@ class Sweep:
     experiment: ExperimentConfig  # the base experiment with the fixed overrides and train.epochs applied
     space: Space
     smoke: bool = False
+    spectrum: Spectrum | None = None  # of the training subjects, once the data are prepared
 
     @property
     def epochs(self) -> int:
@@ -221,11 +247,30 @@ class Sweep:
             set_dotted(raw, key, value, schema=ExperimentConfig)
         return validate_experiment(raw, source=source)
 
+    def is_audited(self, params: Mapping[str, Scalar]) -> bool:
+        """Whether ``params`` are those of an enqueued point marked ``audited``."""
+        return any(point.audited and dict(point.params) == dict(params) for point in self.spec.enqueue)
+
+    def predicted_collapse(
+        self, params: Mapping[str, Scalar], first_epoch: Mapping[str, float] | None = None
+    ) -> Prediction | None:
+        """The prediction that the trial of ``params`` collapses (:mod:`sweeps.prediction`), or None:
+        prediction off, no spectrum, an exempt audited point, or no collapse predicted."""
+        early = self.spec.early_stop
+        if early.predict == "off" or self.spectrum is None:
+            return None
+        if self.is_audited(params) and not early.predict_audited:
+            return None
+        prediction = predict(self.experiment_for(params), self.spectrum, early.collapse, early.predict_margin,
+                             first_epoch)
+        return prediction if prediction is not None and prediction.collapses else None
+
     def record(self) -> dict[str, Any]:
         """What a resumed sweep needs to run exactly this sweep again (plain YAML/JSON types)."""
         return {
             "sweep": self.name, "smoke": self.smoke,
             "spec": self.spec.model_dump(mode="json"), "experiment": self.experiment.model_dump(mode="json"),
+            "spectrum": None if self.spectrum is None else self.spectrum.to_json(),
         }
 
     @staticmethod
@@ -237,7 +282,9 @@ class Sweep:
         source = f"sweep record '{record['sweep']}'"
         spec = _validate_spec(raw, source)
         experiment = validate_experiment(record["experiment"], source=source)
-        return Sweep(record["sweep"], spec, experiment, parse_space(spec.space, source), bool(record.get("smoke")))
+        spectrum = Spectrum.from_json(record["spectrum"]) if record.get("spectrum") else None
+        return Sweep(record["sweep"], spec, experiment, parse_space(spec.space, source), bool(record.get("smoke")),
+                     spectrum)
 
 
 # --------------------------------------------------------------------------- loading
@@ -376,21 +423,40 @@ def _settings(space: Space) -> list[tuple[str, Mapping[str, Any]]]:
 
 
 def collapse_warnings(sweep: Sweep) -> list[str]:
-    """One line for each likelihood the space can reach, and each enqueued point, whose
-    effective decoder variance makes collapse the optimum (see ``COLLAPSE_VARIANCE_SHARE``)."""
-    cfg = sweep.experiment
-    voxels = cfg.in_channels * cfg.data.size**3
+    """One line for each likelihood the space can reach, and each enqueued point, for which collapse is
+    the optimum of the loss (:mod:`sweeps.prediction`): the numbers its trials are stopped by.
+    Nothing without the data's spectrum or with ``early_stop.predict: off``."""
+    early, spectrum = sweep.spec.early_stop, sweep.spectrum
+    if spectrum is None or early.predict == "off":
+        return []
+    threshold = early.predict_margin * spectrum.top
+    bound = f"{early.predict_margin:g} x lambda_1 = {threshold:.4g}"
+    if early.stops_predicted:
+        trials_do, point_does = "they stop after their first epoch as collapsed", "it stops after its first epoch"
+    else:
+        trials_do, point_does = "they run on (early_stop.predict: warn)", "it runs on (early_stop.predict: warn)"
     lines = []
+    cfg = sweep.experiment
     beta, sigma2 = max(_reachable(sweep, "objective.kl.beta")), max(_reachable(sweep, "objective.sigma2"))
     for likelihood in dict.fromkeys(_reachable(sweep, "objective.likelihood")):
-        what = f"likelihood {likelihood} with beta up to {beta:g}"
-        what += f" and sigma2 up to {sigma2:g}" if likelihood == "gaussian" else ""
-        lines.append(_collapse_line(likelihood, beta, sigma2, voxels, cfg, f"{what} (in the space)"))
+        # sigma^2_eff at beta 1; the sigma-VAE's is known only after its first epoch (None here).
+        per_beta = effective_sigma2(likelihood, sigma2, 1.0, cfg.in_channels * cfg.data.size**3)
+        if per_beta is None or beta * per_beta < threshold:
+            continue
+        where = (f"from beta {threshold / per_beta:.3g} on" if likelihood == "mse_mean"
+                 else f"where beta x sigma2 >= {threshold:.3g}")
+        lines.append(f"warning: likelihood {likelihood} (in the space, beta up to {beta:g}) makes collapse the "
+                     f"optimum {where}: sigma^2_eff >= {bound} of the data's spectrum; {trials_do} "
+                     "(unless a KL floor or DIP-I keeps them open)")
     for point in sweep.spec.enqueue:
-        objective = sweep.experiment_for(point.params).objective
-        what = f"enqueued point '{point.name}' ({objective.likelihood}, beta {objective.kl.beta:g})"
-        lines.append(_collapse_line(objective.likelihood, objective.kl.beta, objective.sigma2, voxels, cfg, what))
-    return [line for line in lines if line]
+        prediction = predict(sweep.experiment_for(point.params), spectrum, early.collapse, early.predict_margin)
+        if prediction is None or not prediction.collapses:
+            continue
+        runs = ("it runs all its epochs to show the collapse the sweep starts from"
+                if point.audited and not early.predict_audited else point_does)
+        lines.append(f"warning: enqueued point '{point.name}' collapses at the optimum of its loss: sigma^2_eff "
+                     f"{prediction.sigma2_eff:.4g} >= {bound}; {runs}")
+    return lines
 
 
 def stopping_notes(sweep: Sweep) -> list[str]:
@@ -404,26 +470,6 @@ def stopping_notes(sweep: Sweep) -> list[str]:
         "in its last epoch is reported as collapsed (at the end); lower early_stop.collapse.patience and "
         "grace_epochs for short runs"
     ]
-
-
-def _collapse_line(
-    likelihood: str, beta: float, sigma2: float, voxels: int, cfg: ExperimentConfig, what: str
-) -> str | None:
-    s2 = effective_sigma2(likelihood, sigma2, beta, voxels)
-    if s2 is None or s2 < COLLAPSE_VARIANCE_SHARE * voxels:
-        return None
-    # The effective variance grows linearly with beta: this is where collapse becomes the optimum.
-    beta_at = COLLAPSE_VARIANCE_SHARE * voxels / effective_sigma2(likelihood, sigma2, 1.0, voxels)
-    share = s2 / voxels
-    survive = (
-        f"no latent can stay active (one would have to explain {share:.0%} of the data's total variance)"
-        if share >= 1 else
-        f"a latent direction must explain more than {share:.0%} of the data's total variance to stay active"
-    )
-    return (
-        f"warning: {what} makes collapse the optimum from beta {beta_at:.3g} on: effective sigma^2 = {s2:.3g} "
-        f"for D = {voxels} voxels ({cfg.in_channels}x{cfg.data.size}^3), so {survive}"
-    )
 
 
 def _reachable(sweep: Sweep, key: str) -> list[Any]:

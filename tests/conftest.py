@@ -65,9 +65,13 @@ SESSION_POINTS = {
     # (x - x_hat)^2 / 2e-38 overflows float32 in the first step
     "overflowing": ({"objective.likelihood": "gaussian", "objective.kl.beta": 0.01, "objective.sigma2": 1e-38},
                     "diverged"),
-    # the KL weight warms up over the whole run: never at full strength, collapsed when the budget ends
+    # the KL weight warms up over the whole run: never at full strength, collapsed when the budget ends;
+    # its free bits (0.1 x 8 dims > kl_min) exempt it from the prediction, so the rule judges it
     "collapse at the end": ({"objective.likelihood": "mse_mean", "objective.kl.beta": 20.0,
-                             "objective.kl.schedule": "linear"}, "collapsed"),
+                             "objective.kl.schedule": "linear", "objective.free_bits.floor": 0.1}, "collapsed"),
+    # as "forced collapse" but not the audited point (other parameters): predicted from the data's spectrum,
+    # stopped after epoch 1
+    "predicted collapse": ({"objective.likelihood": "mse_mean", "objective.kl.beta": 10.0}, "collapsed"),
 }
 
 
@@ -92,6 +96,7 @@ def session_sweep(tmp_path_factory) -> SessionSweep:
             "objective.kl.beta": {"low": 0.01, "high": 20.0, "log": True},
             "objective.sigma2": {"low": 1e-38, "high": 1.0, "log": True, "when": {"objective.likelihood": "gaussian"}},
             "objective.kl.schedule": {"choices": ["constant", "linear"]},
+            "objective.free_bits.floor": {"choices": [0.0, 0.1]},
         },
         "objectives": SESSION_OBJECTIVES,
         # beta 0.01 at sigma^2 0.001 spreads the "sound" code to ~23 nats from the prior in one dimension:
@@ -101,7 +106,7 @@ def session_sweep(tmp_path_factory) -> SessionSweep:
         "resources": {"cpus_per_trial": 1},
         "budget": {"num_samples": len(SESSION_POINTS), "max_epochs": SESSION_EPOCHS},
         "enqueue": [{"name": name, "audited": name == "forced collapse",
-                     "params": {"objective.kl.schedule": "constant", **params}}
+                     "params": {"objective.kl.schedule": "constant", "objective.free_bits.floor": 0.0, **params}}
                     for name, (params, _) in SESSION_POINTS.items()],
     }
     path = write_yaml(folder / "session.yaml", raw)

@@ -25,10 +25,12 @@ from optuna.trial import TrialState
 
 from bench.stopping import (
     Curve, account, asha_rungs, asha_stops, best_of, collapse_floor, collapse_stop, collapse_stops, ending_status,
-    front_of, judge, main, median_stops, read_csv,
+    false_kill_bound, first_epoch_oracle, front_of, judge, main, median_stops, oracle_stops, per_run,
+    predicted_stops, predicted_then_rule, read_csv, write_recording_sweep,
 )
 from helpers import REPO, ray_folder
 from sweeps.collapse_rule import CollapseRule, ScheduleTargets
+from sweeps.spec import Constraint, load_sweep
 
 DIP = ScheduleTargets(beta=1.0, capacity_max=None, dip=True)
 OBJECTIVES = [("au", "max"), ("recon_mu", "min")]
@@ -87,7 +89,7 @@ def test_ending_status_is_the_sweeps_verdict_on_the_whole_curve():
     # One collapsed epoch is below the patience, but it is the last: collapsed "at the end".
     assert ending_status(curve("t", 0, [{}, {}, COLLAPSED]), RULE) == "collapsed"
     assert ending_status(curve("t", 0, [{}, COLLAPSED, {}]), RULE) == "completed"
-    assert ending_status(curve("t", 0, [COLLAPSED, COLLAPSED, {}]), RULE) == "completed"  # revived
+    assert ending_status(curve("t", 0, [COLLAPSED, COLLAPSED, {}, {}]), RULE) == "completed"  # revived for 2
     assert ending_status(curve("t", 0, [{}, {}], status="diverged"), RULE) == "diverged"
 
 
@@ -263,21 +265,69 @@ def test_accounting_of_epochs_false_kills_and_the_best():
     ends = {c.trial_id: ending_status(c, RULE) for c in curves}
     assert ends == {"C0": "collapsed", "H1": "completed", "H2": "completed", "H3": "completed", "D4": "diverged"}
     none = account(curves, ends, {}, OBJECTIVES)
-    assert none["epochs"] == 6 * 4 + 2 and none["epochs_on_collapsed"] == 6
-    assert none["front"] == ["H1", "H2"] and none["best"] == {"trial_id": "H1", "values": {"au": 4.0, "recon_mu": 0.30}}
+    assert none["epochs"] == 6 * 4 + 2 and none["epochs_on_collapsed"] == 6 and none["healthy_trials"] == 3
+    assert none["front"] == {"": ["H1", "H2"]}
+    assert none["best"] == {"": {"trial_id": "H1", "values": {"au": 4.0, "recon_mu": 0.30}}}
     assert none["collapsed_kept"] == ["C0"] and none["false_kills"] == []
+    # a constraint the best breaks: best.yaml names the next one
+    au_at_most_3 = Constraint(metric="au", max=3.0)
+    assert account(curves, ends, {}, OBJECTIVES, [au_at_most_3])["best"][""]["trial_id"] == "H2"
 
     rule = account(curves, ends, collapse_stops(curves, RULE), OBJECTIVES)
     assert rule["stops"] == {"C0": 2} and rule["epochs_on_collapsed"] == 2 and rule["epochs"] == 22
-    assert judge(rule, none) == {"epochs_share": 22 / 26, "collapsed_share": 2 / 6, "same_best": True,
+    assert judge(rule, none) == {"epochs_share": 22 / 26, "collapsed_share": 2 / 6,
+                                 "false_kill_upper_95": pytest.approx(1 - 0.05 ** (1 / 3)), "same_best": True,
                                  "same_front": True, "targets_met": False}  # 2/6 of the epochs: above 25 %
     kills = account(curves, ends, {"C0": 1, "H1": 3, "H3": 2, "D4": 1}, OBJECTIVES)
     assert kills["false_kills"] == ["H1", "H3"] and kills["epochs"] == 1 + 3 + 6 + 2 + 1
-    assert kills["front"] == ["H2"] and kills["best"]["trial_id"] == "H2"
+    assert kills["front"] == {"": ["H2"]} and kills["best"][""]["trial_id"] == "H2"
     assert judge(kills, none)["same_best"] is False and judge(kills, none)["collapsed_share"] == 1 / 6
     quick = account(curves, ends, {"C0": 1}, OBJECTIVES)
     assert judge(quick, none)["targets_met"] is True  # 1/6 <= 25 %, no false kill, the same best
     assert best_of(front_of([], OBJECTIVES), OBJECTIVES) is None
+
+
+def test_false_kill_bound_is_clopper_pearson():
+    assert false_kill_bound(0, 7) == pytest.approx(1 - 0.05 ** (1 / 7))  # 0 of 7: below 35 % only
+    assert false_kill_bound(0, 30) == pytest.approx(0.0950, abs=1e-4)
+    # 1 of 20: the 95 % quantile of Beta(2, 19), by its CDF 1 - (1 - p)^20 - 20 p (1 - p)^19
+    bound = false_kill_bound(1, 20)
+    assert 1 - (1 - bound) ** 20 - 20 * bound * (1 - bound) ** 19 == pytest.approx(0.95)
+    assert false_kill_bound(0, 0) is None and false_kill_bound(3, 3) == 1.0
+
+
+def test_a_confirmed_collapse_is_undone_only_by_as_many_healthy_epochs():
+    """A last epoch that crosses the threshold by noise does not make a collapsed trial healthy."""
+    assert ending_status(curve("t", 0, [{}, COLLAPSED, COLLAPSED, {}]), RULE) == "collapsed"
+    assert ending_status(curve("t", 0, [{}, COLLAPSED, COLLAPSED, {}, {}]), RULE) == "completed"  # revived for 2
+    assert ending_status(curve("t", 0, [{}, COLLAPSED, {}, {}]), RULE) == "completed"  # never confirmed
+
+
+def test_prediction_and_oracles_stop_after_the_first_epoch_or_the_last_healthy_one():
+    curves = [
+        curve("P0", 0, [COLLAPSED] * 5),  # predicted
+        curve("L1", 1, [{}, {}, COLLAPSED, {}, COLLAPSED, COLLAPSED]),  # collapses late, not predicted
+        curve("H2", 2, [{}] * 6),
+    ]
+    ends = {c.trial_id: ending_status(c, RULE) for c in curves}
+    assert predicted_stops(curves, {"P0"}) == {"P0": 1}
+    assert predicted_then_rule(RULE, {"P0"}, curves) == {"P0": 1, "L1": 6}
+    assert oracle_stops(curves, ends, RULE) == {"P0": 1, "L1": 5}  # from epoch 5 on it stays collapsed
+    assert first_epoch_oracle(curves, ends) == {"P0": 1, "L1": 1}
+    other_run = replace(curves[2], trial_id="r2/H2", run="r2")
+    assert per_run(lambda group: {c.trial_id: len(group) for c in group}, [*curves, other_run]) == {
+        "P0": 3, "L1": 3, "H2": 3, "r2/H2": 1}  # each run replayed on its own
+
+
+def test_the_recording_sweep_reaches_collapse_through_the_gaussian(tmp_path):
+    path = write_recording_sweep("dip_sbd", tmp_path)
+    sweep = load_sweep(str(path), smoke=True)
+    likelihood = next(p for p in sweep.space.params if p.name == "objective.likelihood")
+    sigma2 = next(p for p in sweep.space.params if p.name == "objective.sigma2")
+    assert list(likelihood.choices) == ["mse_mean", "gaussian"] and sigma2.high == 1e5
+    rule = sweep.spec.early_stop.collapse
+    assert (rule.patience, rule.grace_epochs) == (8, 4) and rule.kl_min == 1.0  # the smoke thresholds
+    assert sweep.spec.enqueue == load_sweep("dip_sbd", smoke=True).spec.enqueue  # the audited point first
 
 
 # --------------------------------------------------------------------------- a real recording
@@ -315,6 +365,8 @@ def test_replay_of_a_recorded_sweep(recording):
     assert len(epochs) == 6
     assert f"| none | {len(epochs)} | 100 % |" in done.stdout
     assert "| collapse p2 g0 (the sweep's) |" in done.stdout and "ASHA val/loss min" in done.stdout
+    assert "| prediction + collapse p2 g0 (the sweep's default) |" in done.stdout
+    assert "- Data spectrum (training subjects): lambda_1..3 = " in done.stdout
     assert written() == before  # --replay-only writes nothing without --write
 
 
@@ -338,5 +390,6 @@ def test_bad_input_is_one_line_and_exit_2(recording, scratch, capsys):
     record["spec"]["early_stop"]["mode"] = "collapse"
     (stopped / "sweep.json").write_text(json.dumps(record))
     assert "--early-stop none" in refused(capsys, "--replay-only", stopped)
-    # --live must be the sweep run with its collapse rule on, not another recording.
-    assert "--early-stop collapse" in refused(capsys, "--replay-only", recording, "--live", recording)
+    # --live must be the sweep run with its default early stop, not another recording.
+    assert "default early stop" in refused(capsys, "--replay-only", recording, "--live", recording)
+    assert "distinct names" in refused(capsys, "--replay-only", recording, recording)

@@ -55,6 +55,8 @@ def test_collapsed_trials_stop_early_and_sound_ones_run_to_the_end(session_sweep
             assert row["stop_reason"] == "KL_raw <= 0.5 nats for 2 full-strength epochs up to epoch 2"
         elif name == "collapse at the end":
             assert epochs == SESSION_EPOCHS and row["stop_reason"].startswith("at the end: KL_raw <= 0.5 nats")
+        elif name == "predicted collapse":
+            assert epochs == 1 and row["stop_reason"].startswith("predicted: sigma^2_eff >= lambda_1")
         elif status == "completed":
             assert epochs == SESSION_EPOCHS
         else:
@@ -62,6 +64,11 @@ def test_collapsed_trials_stop_early_and_sound_ones_run_to_the_end(session_sweep
     assert rows["forced collapse"]["audited"] == "true" and rows["forced collapse"]["number"] == "0"
     assert "collapsed" in done.stdout and "trial-0000" in done.stdout  # the live table
     assert "makes collapse the optimum" in done.stderr  # mse_mean with beta up to 20 at 16^3
+    # the start-up lines and the stop reason quote the same spectrum, the one recorded in sweep.json
+    lambda_1 = json.loads((out_dir / "sweep.json").read_text())["spectrum"]["eigenvalues"][0]
+    assert f"data spectrum over 8 training subjects: lambda_1..3 = {lambda_1:.3g}, " in done.stderr
+    assert f"sigma^2_eff >= 2 x lambda_1 = {2 * lambda_1:.4g}" in done.stderr
+    assert f"vs 2 x lambda_1 {lambda_1:.4g} of the data's spectrum" in rows["predicted collapse"]["stop_reason"]
 
 
 def test_collapse_rule_fired_exactly_at_the_stop(session_sweep):
@@ -89,7 +96,8 @@ def test_study_matches_the_trials_table(session_sweep):
         trial = trials[int(row["number"])]
         assert trial.state.name == STATES[row["status"]] == row["state"]
         assert trial.user_attrs["status"] == row["status"] and trial.user_attrs["stop_reason"] == row["stop_reason"]
-        params = {"objective.kl.schedule": "constant", **session_sweep.points[row["enqueued"]][0]}
+        params = {"objective.kl.schedule": "constant", "objective.free_bits.floor": 0.0,
+                  **session_sweep.points[row["enqueued"]][0]}
         assert trial.user_attrs["run_name"] == row["trial_id"] and trial.params == params
         if row["status"] == "completed":
             # told the last epoch's objectives: the semantic probe (max; the phantom has factors) and recon(mu) (min)
@@ -115,8 +123,8 @@ def test_outputs_of_a_sweep(session_sweep):
     assert {e["trial_id"] for e in epochs} == {row["trial_id"] for row in rows}
     assert sorted(row["trial_id"] for row in rows) == [f"trial-{i:04d}" for i in range(len(rows))]  # no gaps
     summary = json.loads((out_dir / "summary.json").read_text())
-    assert summary["status_counts"] == {"collapsed": 2, "completed": 1, "diverged": 1}
-    assert summary["optuna_states"] == {"PRUNED": 2, "COMPLETE": 1, "FAIL": 1}
+    assert summary["status_counts"] == {"collapsed": 3, "completed": 1, "diverged": 1}
+    assert summary["optuna_states"] == {"PRUNED": 3, "COMPLETE": 1, "FAIL": 1}
     assert summary["interrupted"] is False and summary["seed"] == 0
     best = summary["best"]
     assert best["trial_id"] == next(row["trial_id"] for row in rows if row["enqueued"] == "sound")

@@ -11,6 +11,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from dataclasses import replace
 
 import optuna
 import pytest
@@ -25,6 +26,7 @@ from sweeps.collapse_rule import (
     CollapseRule, ScheduleTargets, at_full_strength, collapse_history, collapse_streak, trial_outcome,
 )
 from vae.config import ConfigError, load_experiment
+from vae.data.spectrum import Spectrum
 from vae.objectives import kl_weight
 
 REPO = Path(__file__).resolve().parents[1]
@@ -383,21 +385,34 @@ def test_a_budget_that_ends_while_the_trial_is_collapsed_ends_it_collapsed():
 # --------------------------------------------------------------------------- warnings and small pieces
 
 
-def test_collapse_warning_quotes_the_effective_sigma2(tmp_path):
+def test_collapse_warning_quotes_the_spectrum_and_the_threshold(tmp_path):
     raw = changed(
         space={"objective.likelihood": {"choices": ["mse_mean", "gaussian"]},
                "objective.kl.beta": {"low": 0.1, "high": 10.0, "log": True}},
-        enqueue=[{"name": "audited", "params": {"objective.likelihood": "mse_mean", "objective.kl.beta": 1.0}},
+        enqueue=[{"name": "audited", "audited": True,
+                  "params": {"objective.likelihood": "mse_mean", "objective.kl.beta": 1.0}},
+                 {"name": "other", "params": {"objective.likelihood": "mse_mean", "objective.kl.beta": 0.5}},
                  {"name": "sound", "params": {"objective.likelihood": "gaussian", "objective.kl.beta": 1.0}}],
     )
-    lines = collapse_warnings(load_sweep(str(write_sweep(tmp_path, raw))))
     voxels = 4 * 16**3  # four modalities at 16^3
-    assert len(lines) == 2, lines  # mse_mean in the space and the audited point; gaussian (sigma2 1) is sound
-    assert "likelihood mse_mean with beta up to 10" in lines[0] and f"{10 * voxels / 2:.3g}" in lines[0]
-    assert "from beta 1 on" in lines[0] and "no latent can stay active" in lines[0]
-    assert "'audited'" in lines[1] and f"{voxels / 2:.3g}" in lines[1] and "more than 50%" in lines[1]
+    spectrum = Spectrum((900.0, 400.0), total_variance=5000.0, subjects=10, dim=voxels)
+    sweep = replace(load_sweep(str(write_sweep(tmp_path, raw))), spectrum=spectrum)
+    assert collapse_warnings(replace(sweep, spectrum=None)) == []  # before the data are prepared
+    lines = collapse_warnings(sweep)
+    # mse_mean in the space and both its enqueued points; gaussian (sigma2 1, beta <= 10) stays below 1800
+    assert len(lines) == 3, lines
+    assert "likelihood mse_mean (in the space, beta up to 10)" in lines[0]
+    assert f"from beta {1800 / (voxels / 2):.3g} on" in lines[0] and "2 x lambda_1 = 1800" in lines[0]
+    assert "stop after their first epoch" in lines[0]
+    assert "'audited'" in lines[1] and f"{voxels / 2:.4g} >= 2 x lambda_1 = 1800" in lines[1]
+    assert "runs all its epochs" in lines[1]
+    assert "'other'" in lines[2] and "it stops after its first epoch" in lines[2]
+    warn = sweep.spec.model_copy(update={"early_stop": sweep.spec.early_stop.model_copy(update={"predict": "warn"})})
+    assert "they run on" in collapse_warnings(replace(sweep, spec=warn))[0]
+    off = sweep.spec.model_copy(update={"early_stop": sweep.spec.early_stop.model_copy(update={"predict": "off"})})
+    assert collapse_warnings(replace(sweep, spec=off)) == []
     sound = changed(overrides={**MINIMAL["overrides"], "objective.likelihood": "gaussian"})
-    assert collapse_warnings(load_sweep(str(write_sweep(tmp_path, sound, "sound")))) == []
+    assert collapse_warnings(replace(load_sweep(str(write_sweep(tmp_path, sound, "sound"))), spectrum=spectrum)) == []
 
 
 def test_reported_metrics_come_from_the_training_loop():

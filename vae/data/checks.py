@@ -150,7 +150,7 @@ def map_subjects(
     ``fn`` must be picklable (a module-level function or a ``functools.partial`` of one).
     """
     results: list[T] = [None] * len(subjects)  # type: ignore[list-item]
-    bar = _ProgressBar(len(subjects), desc, progress)
+    bar = ProgressBar(len(subjects), desc, progress)
     try:
         if workers <= 1 or len(subjects) <= 1:
             for i, subject in enumerate(subjects):
@@ -171,10 +171,10 @@ def map_subjects(
         bar.close()
 
 
-class _ProgressBar:
-    """tqdm on stderr when installed, else one line per subject."""
+class ProgressBar:
+    """tqdm on stderr when installed, else one line per item (a subject, a volume)."""
 
-    def __init__(self, total: int, desc: str, enabled: bool):
+    def __init__(self, total: int, desc: str, enabled: bool, unit: str = "subject"):
         self.total, self.desc, self.enabled, self.done = total, desc, enabled and total > 0, 0
         self.bar = None
         if self.enabled:
@@ -182,7 +182,7 @@ class _ProgressBar:
                 from tqdm import tqdm
             except ImportError:
                 return
-            self.bar = tqdm(total=total, desc=desc, unit="subject", file=sys.stderr, dynamic_ncols=True)
+            self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
 
     def step(self, label: str) -> None:
         self.done += 1

@@ -19,6 +19,7 @@ from vae.config import DataConfig
 from .cache import Manifest, check_pending, is_cache, prepare
 from .dataset import CachedVolumes, load_split, save_split, split_subjects
 from .preprocess import PreprocessParams
+from .spectrum import Spectrum, cached_spectrum
 
 DEFAULT_CACHE = "~/.cache/collapse-sweep"
 
@@ -103,6 +104,14 @@ def training_datasets(data: DataConfig, cache: Path, split_file: Path | None = N
         if split_file is not None:
             save_split(split_file, train_ids, val_ids, seed=data.split_seed, val_fraction=data.val_fraction)
     return CachedVolumes(cache, train_ids, flip=data.flip, seed=data.split_seed), CachedVolumes(cache, val_ids)
+
+
+def training_spectrum(data: DataConfig, cache: Path, progress: bool = False) -> Spectrum | None:
+    """The spectrum of the training subjects a new run of ``data`` gets from ``cache``, computed once
+    and stored with the cache (:mod:`vae.data.spectrum`); None with fewer than 2 of them."""
+    ids = Manifest.load(cache).subject_ids
+    train_ids = split_subjects(ids, data.val_fraction, data.split_seed)[0] if len(ids) > 1 else ids
+    return cached_spectrum(cache, train_ids, progress=progress) if len(train_ids) > 1 else None
 
 
 def validation_ids(data: DataConfig, manifest: Manifest) -> list[str]:
