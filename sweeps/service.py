@@ -173,6 +173,11 @@ def _masked(url: str) -> str:
         raise ConfigError(f"--storage: '{url}' is not a database URL such as postgresql://user@host/db") from None
 
 
+def _masked_command(argv: Sequence[str]) -> list[str]:
+    """The command line as recorded: a storage URL's password is never written down."""
+    return [_masked(arg) if "://" in arg else arg for arg in argv]
+
+
 def _check_storage(url: str) -> None:
     """:class:`ConfigError` unless the storage at ``url`` can be opened; creates nothing.
 
@@ -325,11 +330,11 @@ def _record_start(run: SweepRun) -> None:
     now = datetime.now(timezone.utc).isoformat()
     if run.resume:
         record = json.loads(path.read_text())
-        record.setdefault("resumes", []).append({"started": now, "seed": run.seed, "command": sys.argv})
+        record.setdefault("resumes", []).append({"started": now, "seed": run.seed, "command": _masked_command(sys.argv)})
     else:
         record = {
             **run.sweep.record(), "run": run.out_dir.name, "study": run.study_name,
-            "storage": _masked(run.storage_url), "seed": run.seed, "created": now, "command": sys.argv,
+            "storage": _masked(run.storage_url), "seed": run.seed, "created": now, "command": _masked_command(sys.argv),
         }
     atomic_write(path, (json.dumps(record, indent=2) + "\n").encode())
 
@@ -458,7 +463,7 @@ def _tune(
         run_config=tune.RunConfig(
             name=f"start-{attempt}", storage_path=str(run.out_dir / TUNE_DIR), stop=stopper,
             callbacks=[
-                _printer(sweep, searcher), metrics_exporter(run.study_name),
+                _printer(sweep, searcher), metrics_exporter(run.study_name, searcher.outcomes),
                 *tracker_callbacks(trackers, run.out_dir, run.study_name),
             ],
             failure_config=tune.FailureConfig(max_failures=resources.max_failures),

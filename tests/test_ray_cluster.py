@@ -34,7 +34,9 @@ import psutil
 import pytest
 
 from helpers import ray_folder
-from sweeps.monitoring import EXPORTED_METRICS, METRIC_PREFIX, MLFLOW_DB, TRACKERS, check_trackers
+from sweeps.monitoring import (
+    EXPORTED_METRICS, METRIC_PREFIX, MLFLOW_DB, STATUSES, TRACKERS, TRIALS_METRIC, check_trackers,
+)
 from vae.config import ConfigError
 
 pytestmark = pytest.mark.system  # a two-node cluster and a Ray job: minutes
@@ -185,8 +187,14 @@ def test_dashboard_lists_the_job_and_wants_the_token(cluster, job):
 def test_trial_metrics_reach_the_metrics_endpoint(job):
     _, out_dir, scraped = job
     study = json.loads((out_dir / "sweep.json").read_text())["study"]
-    ours = [(name, tags, value) for name, tags, value in scraped if tags.get("sweep") == study]
+    ours = [(name, tags, value) for name, tags, value in scraped if tags.get("sweep") == study and "trial" in tags]
     assert {name for name, _, _ in ours} == {"ray_" + METRIC_PREFIX + key for key in EXPORTED_METRICS}
+    # the trials-by-status gauge: whole counts of the sweep's 4 trials, some seen running
+    counts = [(tags["status"], value) for name, tags, value in scraped
+              if tags.get("sweep") == study and name == "ray_" + METRIC_PREFIX + TRIALS_METRIC]
+    assert {status for status, _ in counts} <= set(STATUSES)
+    assert all(float(value).is_integer() and 0 <= value <= 4 for _, value in counts)
+    assert any(status == "running" and value >= 1 for status, value in counts)
     reported: dict[str, list[dict[str, str]]] = {}
     for trial_dir in sorted((out_dir / "trials").iterdir()):
         with (trial_dir / "epochs.csv").open() as f:

@@ -158,3 +158,12 @@ def test_no_project_module_executes_strings_or_untrusted_data():
     assert len(files) > 40  # the whole project, not an empty glob
     found = [f for path in files for f in findings(path.read_text(), str(path.relative_to(REPO)))]
     assert found == []
+
+
+def test_a_storage_password_is_not_recorded_with_the_command():
+    from sweeps.service import _masked_command
+
+    argv = ["sweeps/run.py", "dip_sbd", "--storage", "postgresql+psycopg://lab:s3cret@db.example:5432/sweeps"]
+    recorded = _masked_command(argv)
+    assert "s3cret" not in " ".join(recorded) and recorded[:3] == argv[:3]
+    assert recorded[3] == "postgresql+psycopg://lab:***@db.example:5432/sweeps"
