@@ -98,6 +98,15 @@ def params_of(row: dict[str, str]) -> dict[str, str]:
 # --------------------------------------------------------------------------- processes
 
 
+def mid_sweep(out_dir: Path) -> bool:
+    """A trial has ended and two others run side by side, each with an epoch written (read from the
+    trials' own ``epochs.csv``, never racing the study's creation)."""
+    from vae.run_files import read_epochs
+
+    last = [rows[-1].get("status") for rows in map(read_epochs, (out_dir / "trials").glob("trial-*")) if rows]
+    return "completed" in last and last.count("running") >= 2
+
+
 def start_sweep(path: Path, results: Path, log: Path, env: dict[str, str], *args: str) -> subprocess.Popen:
     """``python sweeps/run.py`` in a session of its own (so that it can be killed with its Ray instance)."""
     with log.open("w") as out:

@@ -1,7 +1,9 @@
 """Studies on a real PostgreSQL server (Debian's ``postgresql``, started here as its own user on 127.0.0.1).
 
 A sweep keeps its study on the server; two sweeps share the server without touching each other's
-study; bad storage input (wrong password, missing database, no server) is one line and exit 2.
+study; a driver SIGKILLed mid-sweep resumes from the server with nothing lost or repeated while
+optuna-dashboard reads the study; bad storage input (wrong password, missing database, no server)
+is one line and exit 2.
 """
 from __future__ import annotations
 
@@ -9,8 +11,12 @@ import glob
 import os
 import secrets
 import shutil
+import json
 import socket
 import subprocess
+import sys
+import time
+import urllib.request
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +25,9 @@ import optuna
 import psycopg
 import pytest
 
-from helpers import SMALL, finish, ray_env, read_csv, start_sweep, write_sweep
+from helpers import (
+    BETA, SMALL, SOUND, finish, kill_session, mid_sweep, ray_env, read_csv, start_sweep, wait_for, write_sweep,
+)
 from sweeps.run import main
 
 pytestmark = pytest.mark.system
@@ -116,6 +124,68 @@ def test_two_sweeps_at_once_share_the_server_not_their_studies(postgres, sweep_f
     for name in runs:
         study = _study_matches_its_table(postgres.url, folder / "results" / "pg" / name)
         assert len(study.trials) == 2 and all(t.state.is_finished() for t in study.trials)
+
+
+def _dashboard_studies(port: int, process: subprocess.Popen, timeout: float = 60) -> list[str]:
+    """The study names optuna-dashboard lists, once it answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, "optuna-dashboard exited"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as response:
+                return [s["study_name"] for s in json.loads(response.read())["study_summaries"]]
+        except OSError:
+            assert time.monotonic() < deadline, "optuna-dashboard did not answer"
+            time.sleep(0.5)
+
+
+def test_a_killed_driver_resumes_from_the_server_while_a_dashboard_reads_it(postgres, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pg-kill")
+    samples, epochs = 4, 16  # the third and fourth trials run side by side for many epochs
+    space = {**BETA, "objective.sigma2": {"low": 0.001, "high": 0.01, "log": True}}
+    overrides = {key: value for key, value in SOUND.items() if key != "objective.sigma2"}
+    path = write_sweep(folder, "pgkill", overrides, space, {"cpus_per_trial": 1},
+                       {"num_samples": samples, "max_epochs": epochs})
+    results, log, port = folder / "results", folder / "pgkill.log", _free_port()
+    out_dir = results / "pgkill" / "r1"
+    driver = start_sweep(path, results, log, ray_env(folder), "--run", "r1", "--storage", postgres.url)
+    try:
+        wait_for(lambda: mid_sweep(out_dir), driver, log, timeout=500)
+    finally:
+        kill_session(driver.pid)
+        driver.wait()
+    study = optuna.load_study(study_name="pgkill-r1", storage=postgres.url)
+    before = study.get_trials()
+    orphans = [t for t in before if t.state.name == "RUNNING"]
+    assert len(orphans) >= 2, [(t.number, t.state.name) for t in before]
+
+    dashboard = subprocess.Popen([str(Path(sys.executable).parent / "optuna-dashboard"), postgres.url, "--port",
+                                  str(port), "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        resumed = start_sweep(path, results, folder / "resume.log", ray_env(folder), "--resume", "--run", "r1",
+                              "--storage", postgres.url)
+        assert "pgkill-r1" in _dashboard_studies(port, dashboard)  # read while the resumed sweep runs
+        assert resumed.poll() is None
+        finish(resumed, folder / "resume.log", timeout=900)
+    finally:
+        dashboard.terminate()
+        dashboard.wait(timeout=30)
+
+    trials = study.get_trials()
+    assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+    for old in before:  # nothing finished before the kill changed
+        if old.state.name != "RUNNING":
+            assert (trials[old.number].state, trials[old.number].values) == (old.state, old.values)
+    for orphan in orphans:  # each continued once, in its own run folder, from its checkpoint
+        (successor,) = [t for t in trials if t.user_attrs.get("continues") == orphan.number]
+        assert successor.user_attrs["run_name"] == orphan.user_attrs["run_name"] and successor.params == orphan.params
+        assert successor.state.name == "COMPLETE" and successor.user_attrs["first_epoch"] > 1
+    counted = [t for t in trials if t.user_attrs.get("status") != "interrupted"]
+    assert sorted(t.user_attrs["run_name"] for t in counted) == [f"trial-{i:04d}" for i in range(samples)]
+    rows = {row["trial_id"]: row for row in read_csv(out_dir / "trials.csv")}
+    assert {name: int(row["number"]) for name, row in rows.items()} == {
+        t.user_attrs["run_name"]: t.number for t in counted}
+    assert all(int(row["epochs"]) == epochs for row in rows.values())
 
 
 def _refused(capsys, *args: str) -> str:

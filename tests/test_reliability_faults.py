@@ -37,8 +37,8 @@ import pytest
 from sweeps.outputs import TABLE_HEADER
 from sweeps.service import open_storage
 from helpers import (
-    BETA, CHANNELS, SOUND, brain, finish, kill_session, load_study, read_csv, session_members, start_sweep,
-    sweep_command, wait_for, write_subject, write_sweep,
+    BETA, CHANNELS, SOUND, brain, finish, kill_session, load_study, mid_sweep, read_csv, session_members,
+    start_sweep, sweep_command, wait_for, write_subject, write_sweep,
 )
 from vae.checkpoint import CHECKPOINT_DIR, CHECKPOINT_FILE
 from vae.data import CachedVolumes, PreprocessParams
@@ -121,13 +121,6 @@ def test_a_trial_killed_mid_epoch_continues_from_its_checkpoint(scratch, sweep_e
 
 
 # --------------------------------------------------------------------------- driver death
-
-
-def mid_sweep(out_dir: Path) -> bool:
-    """A trial has ended and two others run side by side, each with an epoch written (read from the
-    trials' own ``epochs.csv``, never racing the study's creation)."""
-    last = [rows[-1].get("status") for rows in map(read_epochs, (out_dir / "trials").glob("trial-*")) if rows]
-    return "completed" in last and last.count("running") >= 2
 
 
 @pytest.mark.system
