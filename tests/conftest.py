@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import SMALL, ray_env, sweep_command, write_yaml
+from helpers import RAY_FOLDERS, SMALL, ray_env, sweep_command, write_yaml
 
 
 @pytest.fixture(scope="module")
@@ -25,18 +25,18 @@ def scratch():
     shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def remove_ray_folders():
+    """Every Ray instance's temp folder (logs, sessions) goes when the test session ends."""
+    yield
+    for folder in RAY_FOLDERS:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture
 def sweep_env(scratch):
-    """Makes the environment of a sweep driver: its own Ray folder (removed afterwards), the shared data cache."""
-    made = []
-
-    def make() -> dict[str, str]:
-        made.append(ray_env(scratch))
-        return made[-1]
-
-    yield make
-    for env in made:
-        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    """Makes the environment of a sweep driver: its own Ray folder, the shared data cache."""
+    return lambda: ray_env(scratch)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import csv
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -19,16 +18,22 @@ import numpy as np
 import optuna
 import yaml
 
+from bench.chaos import kill_session
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------- Ray
 
 
+RAY_FOLDERS: list[str] = []  # every folder ray_folder made; conftest removes them when the session ends
+
+
 def ray_folder() -> dict[str, str]:
     """Environment of one Ray instance: a short scratch folder (Ray's socket paths must be
     short) holding its temp files and an auth token, so no test touches ``~/.ray``."""
     base = tempfile.mkdtemp(prefix="r", dir="/tmp")
+    RAY_FOLDERS.append(base)
     Path(base, "token").write_text(secrets.token_hex(32))
     return {"RAY_TMPDIR": base, "RAY_AUTH_TOKEN_PATH": f"{base}/token", "TMPDIR": base}
 
@@ -126,39 +131,6 @@ def finish(process: subprocess.Popen, log: Path, timeout: float, expected: int =
     text = log.read_text()
     assert process.returncode == expected, text[-5000:]
     return text
-
-
-def session_members(session: int) -> list[tuple[int, str]]:
-    """``(pid, command line)`` of the live processes of ``session`` (a CLI started with ``start_new_session``).
-
-    Ray's own processes stay in the session of the process that started Ray, even those
-    that take a process group of their own and rename themselves (``ray::ImplicitFunc.train``).
-    """
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # state ppid pgrp session ...
-            if int(fields[3]) == session and fields[0] != "Z":  # a zombie is dead already
-                command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                members.append((int(stat.parent.name), command))
-        except (OSError, IndexError, ValueError):  # gone meanwhile
-            pass
-    return members
-
-
-def kill_session(session: int) -> None:
-    """SIGKILL every process of ``session`` (the CLI, started with ``start_new_session``, and its Ray instance)."""
-    for _ in range(20):
-        members = session_members(session)
-        if not members:
-            return
-        for pid, _ in members:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.5)
-    raise AssertionError(f"processes of session {session} survived SIGKILL")
 
 
 def wait_for(condition, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:

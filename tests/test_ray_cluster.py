@@ -9,6 +9,9 @@ as a Ray job (``ray job submit --working-dir``) and must
 - export each trial's AU, KL_raw and recon(mu) as Ray custom metrics tagged with the sweep and
   the trial, read back from the nodes' Prometheus endpoints while the job runs, with values
   the trials really reported;
+- reach a real Prometheus (Debian's, on the config Ray writes for the head, whose service
+  discovery lists both nodes) epoch by epoch as the trials wrote them, with the Ray dashboard
+  told where that Prometheus is;
 - keep Tune's TensorBoard event files, and log every trial to W&B (offline) and MLflow when asked.
 
 The cluster's processes are told apart from any other Ray instance on the machine by their
@@ -20,18 +23,22 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
 from helpers import ray_folder
 from sweeps.monitoring import (
@@ -61,6 +68,7 @@ class LocalCluster:
     gcs_address: str
     dashboard_url: str
     metrics_urls: list[str]
+    prometheus_url: str  # where the dashboard looks for Prometheus (started by the ``prometheus`` fixture)
 
     @property
     def token(self) -> str:
@@ -93,7 +101,8 @@ def cluster(scratch):
         "COLLAPSE_SWEEP_CACHE": str(scratch / "cache"),
         "RAY_metrics_report_interval_ms": "2000",  # export every 2 s instead of 10 s
     }
-    gcs, dashboard = free_port(), free_port()
+    gcs, dashboard, prometheus = free_port(), free_port(), free_port()
+    env["RAY_PROMETHEUS_HOST"] = prometheus_url = f"http://127.0.0.1:{prometheus}"
     # Each node its own temp folder, as on separate machines: a node deletes the job's
     # unpacked working directory from its folder once it no longer needs it.
     head_ports = node_ports() + [f"--temp-dir={env['RAY_TMPDIR']}/head"]
@@ -110,7 +119,7 @@ def cluster(scratch):
             env=env, check=True, capture_output=True, text=True, timeout=120,
         )
         metrics = [f"http://127.0.0.1:{p.split('=')[1]}/metrics" for p in (head_ports[0], worker_ports[0])]
-        yield LocalCluster(env, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", metrics)
+        yield LocalCluster(env, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", metrics, prometheus_url)
     finally:
         kill_instance(env["RAY_TMPDIR"])
 
@@ -142,7 +151,55 @@ def dashboard_get(cluster: LocalCluster, path: str, token: str | None) -> tuple[
 
 
 @pytest.fixture(scope="module")
-def job(cluster, scratch):
+def prometheus(cluster, scratch):
+    """Debian's Prometheus on the config Ray wrote for the head, scraping every second (Ray's says 10 s)."""
+    binary = shutil.which("prometheus")
+    assert binary, "Prometheus is not installed: apt-get install prometheus (.ci/run does)"
+    ray_config = Path(cluster.env["RAY_TMPDIR"], "head", "session_latest", "metrics", "prometheus", "prometheus.yml")
+    deadline = time.monotonic() + 60
+    while not ray_config.exists():  # the head's dashboard writes it once it runs
+        assert time.monotonic() < deadline, f"Ray wrote no Prometheus config at {ray_config}"
+        time.sleep(0.2)
+    config = yaml.safe_load(ray_config.read_text())
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    (scratch / "prometheus.yml").write_text(yaml.safe_dump(config))
+    log = (scratch / "prometheus.log").open("w")
+    server = subprocess.Popen(
+        [binary, f"--config.file={scratch / 'prometheus.yml'}", f"--storage.tsdb.path={scratch / 'prometheus'}",
+         f"--web.listen-address={cluster.prometheus_url.removeprefix('http://')}"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not prometheus_targets(cluster.prometheus_url, healthy=True):
+            assert server.poll() is None and time.monotonic() < deadline, (scratch / "prometheus.log").read_text()[-3000:]
+            time.sleep(0.5)
+        yield cluster.prometheus_url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def prometheus_get(url: str, path: str, **params: str) -> dict:
+    query = f"?{urllib.parse.urlencode(params)}" if params else ""
+    with urllib.request.urlopen(f"{url}{path}{query}", timeout=10) as response:
+        body = json.loads(response.read())
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+def prometheus_targets(url: str, healthy: bool = False) -> list[dict]:
+    """The scrape targets Prometheus found (only those it scraped successfully, if ``healthy``)."""
+    try:
+        targets = prometheus_get(url, "/api/v1/targets")["activeTargets"]
+    except OSError:
+        return []
+    return [t for t in targets if t["health"] == "up" or not healthy]
+
+
+@pytest.fixture(scope="module")
+def job(cluster, prometheus, scratch):
     """The smoke sweep submitted as a Ray job, with the metrics scraped while it ran."""
     results = scratch / "results"
     scraped: list[tuple[str, dict[str, str], float]] = []
@@ -205,6 +262,41 @@ def test_trial_metrics_reach_the_metrics_endpoint(job):
         key = name.removeprefix("ray_" + METRIC_PREFIX)
         values = {float(row[key]) for row in reported[tags["trial"]]}
         assert any(abs(value - v) <= 1e-6 * max(1.0, abs(v)) for v in values), (name, tags, value, values)
+
+
+def test_prometheus_scrapes_every_node_ray_lists(cluster, prometheus, job):
+    # Ray's service discovery names both nodes' metrics ports (at the machine's address)
+    scraped_ports = {urllib.parse.urlsplit(f"//{t['labels']['instance']}").port for t in prometheus_targets(prometheus)}
+    assert {urllib.parse.urlsplit(url).port for url in cluster.metrics_urls} <= scraped_ports
+    status, body = dashboard_get(cluster, "/api/prometheus_health", token=cluster.token)
+    assert status == 200, body  # the dashboard's Metrics tab reaches it
+
+
+def test_prometheus_holds_each_trials_epochs_as_the_trial_wrote_them(prometheus, job):
+    _, out_dir, _ = job
+    study = json.loads((out_dir / "sweep.json").read_text())["study"]
+    keys = ("epoch", "au", "kl_raw", "recon_mu")
+    # trial -> key -> scrape time -> value: every raw sample Prometheus stored during the job
+    stored: dict[str, dict[str, dict[float, float]]] = {}
+    for key in keys:
+        query = f'ray_{METRIC_PREFIX}{key}{{sweep="{study}"}}[1h]'
+        for series in prometheus_get(prometheus, "/api/v1/query", query=query)["result"]:
+            samples = stored.setdefault(series["metric"]["trial"], {}).setdefault(key, {})
+            samples.update({float(t): float(v) for t, v in series["values"]})
+    written = {}
+    for trial_dir in sorted((out_dir / "trials").iterdir()):
+        with (trial_dir / "epochs.csv").open() as f:
+            written[trial_dir.name] = {int(row["epoch"]): row for row in csv.DictReader(f)}
+    assert set(stored) == set(written)
+    for trial, samples in stored.items():
+        rows = written[trial]
+        # one scrape reads all of a trial's gauges at once: each scrape's values are one epoch's row
+        for scraped_at, epoch in samples["epoch"].items():
+            row = rows[int(epoch)]
+            for key in keys[1:]:
+                assert samples[key][scraped_at] == pytest.approx(float(row[key]), rel=1e-6), (trial, epoch, key)
+        assert max(samples["epoch"].values()) == max(rows), trial  # through the last epoch
+    assert sum(len(set(samples["epoch"].values())) for samples in stored.values()) > len(stored)
 
 
 def test_tune_writes_tensorboard_events(job):

@@ -34,11 +34,12 @@ import numpy as np
 import optuna
 import pytest
 
+from bench.chaos import DDP_WORKER, TRIAL_PROCESS, session_members
 from sweeps.outputs import TABLE_HEADER
 from sweeps.service import open_storage
 from helpers import (
-    BETA, CHANNELS, SOUND, brain, finish, kill_session, load_study, mid_sweep, read_csv, session_members,
-    start_sweep, sweep_command, wait_for, write_subject, write_sweep,
+    BETA, CHANNELS, SOUND, brain, finish, kill_session, load_study, mid_sweep, read_csv, start_sweep,
+    sweep_command, wait_for, write_subject, write_sweep,
 )
 from vae.checkpoint import CHECKPOINT_DIR, CHECKPOINT_FILE
 from vae.data import CachedVolumes, PreprocessParams
@@ -46,9 +47,6 @@ from vae.data.cache import MANIFEST
 from vae.run_files import EPOCHS_CSV, read_epochs
 
 REPO = Path(__file__).resolve().parents[1]
-# Ray's process titles: a one-worker trial trains in its Tune actor ("ray::ImplicitFunc", with ".train"
-# appended while a call to it runs), a DDP trial in the Train workers.
-TRIAL_PROCESS, DDP_WORKER = r"ray::ImplicitFunc\b", r"ray::RayTrainWorker\b"
 PARAM_COLUMN = "param/"
 
 

@@ -22,7 +22,8 @@ import pytest
 import torch
 import yaml
 
-from helpers import ray_folder, session_members, wait_for
+from bench.chaos import session_members
+from helpers import ray_folder, wait_for
 from trainables import (
     DRIVER_CPU, ResourceError, TrialResources, max_concurrent_trials, parse_trial_config, train_trial, trial_config,
     trial_resources,
