@@ -373,14 +373,46 @@ class TuneInterruption(logging.Filter):
 
     @contextmanager
     def watched(self) -> Iterator[None]:
-        loggers = [logging.getLogger(name) for name in self._TUNE_LOGGERS]
-        for logger in loggers:
-            logger.addFilter(self)
-        try:
+        with _filtering(self, self._TUNE_LOGGERS), _filtering(DeadProcessTraceback(), DeadProcessTraceback.LOGGERS):
             yield
-        finally:
-            for logger in loggers:
-                logger.removeFilter(self)
+
+
+class DeadProcessTraceback(logging.Filter):
+    """Keeps from the user Tune's traceback of a trial whose process died (killed, out of memory, its
+    node lost): it shows Ray's internals only; the live table says which trial and how it goes on
+    (:func:`failure_reason`). A trial that raised keeps its traceback."""
+
+    LOGGERS = ("ray.tune.execution.tune_controller",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from ray.exceptions import RayActorError
+
+        return not (record.exc_info and isinstance(record.exc_info[1], RayActorError))
+
+
+@contextmanager
+def _filtering(log_filter: logging.Filter, names: Sequence[str]) -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in names]
+    for logger in loggers:
+        logger.addFilter(log_filter)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(log_filter)
+
+
+PROCESS_DIED = "its process died (killed, out of memory or its node lost)"
+
+
+def failure_reason(error_text: str) -> str:
+    """Why a trial failed, from its Tune ``error.txt`` (a block per failure, the newest last): its
+    process died, or the last line of what it raised."""
+    newest = error_text.rsplit("Failure # ", 1)[-1]
+    if "RayActorError" in newest or "ActorDiedError" in newest or "actor died unexpectedly" in newest:
+        return PROCESS_DIED
+    lines = [line.strip() for line in newest.splitlines()[1:] if line.strip()]
+    return f"it raised {lines[-1]}" if lines else "it failed"
 
 
 @contextmanager
@@ -497,6 +529,23 @@ def _printer(sweep: Sweep, searcher):
         outcome = searcher.outcomes.get(trial.trial_id)
         if outcome is None or (outcome.status == trial.last_result.get("status") and not outcome.reason):
             return None
-        return line(trial, trial.last_result, outcome.status) + (f"\n    {outcome.reason}" if outcome.reason else "")
+        reason = outcome.reason
+        if outcome.status == "failed":  # what Tune's traceback said, or that the process died
+            reason = f"{failed(trial)}, with no restart left (resources.max_failures); its Tune folder holds error.txt"
+        return line(trial, trial.last_result, outcome.status) + (f"\n    {reason}" if reason else "")
 
-    return line_printer(on_result, on_end)
+    def failed(trial) -> str:
+        error_file = Path(trial.error_file) if trial.error_file else None
+        return failure_reason(error_file.read_text()) if error_file and error_file.is_file() else "it failed"
+
+    def on_restart(trial):
+        """Why a failed trial goes on, and from which epoch."""
+        why = failed(trial)
+        checkpoint = trial.latest_checkpoint_result
+        epoch = checkpoint.metrics.get("epoch") if checkpoint else None
+        since = f"its checkpoint of epoch {epoch}" if epoch else "its start (no checkpoint yet)"
+        return (line(trial, trial.last_result, "restarting")
+                + f"\n    {why}; restarted from {since} (failure {trial.num_failures} of the {trial.max_failures} "
+                   "resources.max_failures allows)")
+
+    return line_printer(on_result, on_end, on_restart)

@@ -36,7 +36,7 @@ import pytest
 
 from bench.chaos import DDP_WORKER, TRIAL_PROCESS, session_members
 from sweeps.outputs import TABLE_HEADER
-from sweeps.service import open_storage
+from sweeps.service import PROCESS_DIED, failure_reason, open_storage
 from helpers import (
     BETA, CHANNELS, SOUND, brain, finish, kill_session, load_study, mid_sweep, read_csv, start_sweep,
     sweep_command, wait_for, write_subject, write_sweep,
@@ -54,7 +54,8 @@ def live_epochs(log: str, trial_id: str) -> list[int]:
     """The epochs of ``trial_id`` in the live table, in the order Tune received them (the table
     printed at the end, after the second header, is left out)."""
     live = (log.split(TABLE_HEADER) + ["", ""])[1]
-    return [int(line.split()[1].split("/")[0]) for line in live.splitlines() if line.startswith(f"{trial_id} ")]
+    return [int(line.split()[1].split("/")[0]) for line in live.splitlines()
+            if line.startswith(f"{trial_id} ") and line.split()[5] != "restarting"]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -110,6 +111,14 @@ def test_a_trial_killed_mid_epoch_continues_from_its_checkpoint(scratch, sweep_e
     assert received[0] == 1 and received[-1] < epochs
     # Continued from the checkpoint Tune held, not started over: every epoch received once, in order.
     assert live_epochs(text, "trial-0000") == list(range(1, epochs + 1)), text[-3000:]
+    if workers == 1:  # Tune restarted the trial: one line says so and why, instead of Ray's traceback
+        lines = [line for line in text.split(TABLE_HEADER)[1].splitlines() if line.startswith("trial-0000 ")]
+        (restart,) = [i for i, line in enumerate(lines) if line.split()[5] == "restarting"]
+        checkpoint = int(lines[restart - 1].split()[1].split("/")[0])  # the last epoch Tune received
+        assert re.search(rf"its process died \(killed, out of memory or its node lost\); restarted from its "
+                         rf"checkpoint of epoch {checkpoint} \(failure 1 of the 1 resources.max_failures allows\)",
+                         text), text[-3000:]
+        assert "Traceback" not in text, text[-3000:]
     assert [int(r["epoch"]) for r in read_epochs(run_dir)] == list(range(1, epochs + 1))
     (trial,) = load_study(out_dir).get_trials()  # one Optuna trial: the retry is the same trial
     assert trial.state.name == "COMPLETE" and trial.user_attrs["status"] == "completed"
@@ -257,3 +266,26 @@ def test_prepare_killed_half_way_leaves_no_partial_cache_and_a_rerun_completes(t
     assert manifest["params_hash"] == PreprocessParams(size=16).hash
     volumes_read = CachedVolumes(cache)
     assert len(volumes_read) == subjects and volumes_read[subjects - 1].shape == (len(CHANNELS), 16, 16, 16)
+
+
+# --------------------------------------------------------------------------- what the table says of a failed trial
+
+
+def error_txt(*errors: BaseException) -> str:
+    """A trial's Tune ``error.txt`` after these failures, written as Tune writes it."""
+    return "".join(f"Failure # {i} (occurred at 2026-11-29_22-00-00)\n{error}\n" for i, error in enumerate(errors, 1))
+
+
+def test_a_failure_is_named_by_its_process_death_or_what_the_trial_raised():
+    import traceback
+
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    try:
+        raise ValueError("the loss is NaN at epoch 3")
+    except ValueError as err:
+        raised = RayTaskError("run_trial", traceback.format_exc(), err)
+    assert failure_reason(error_txt(ActorDiedError())) == PROCESS_DIED
+    assert failure_reason(error_txt(ActorDiedError(), raised)) == "it raised ValueError: the loss is NaN at epoch 3"
+    assert failure_reason(error_txt(raised, ActorDiedError())) == PROCESS_DIED  # the newest failure counts
+    assert failure_reason("") == "it failed"

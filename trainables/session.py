@@ -44,10 +44,12 @@ def start_ray(
 
 
 def line_printer(
-    on_result: Callable[[Trial, dict], str | None], on_end: Callable[[Trial], str | None] | None = None
+    on_result: Callable[[Trial, dict], str | None], on_end: Callable[[Trial], str | None] | None = None,
+    on_restart: Callable[[Trial], str | None] | None = None,
 ) -> Callback:
-    """A Tune callback printing ``on_result(trial, result)`` for every result and ``on_end(trial)``
-    when a trial ends (completed, stopped or errored); a ``None`` line is not printed."""
+    """A Tune callback printing ``on_result(trial, result)`` for every result, ``on_end(trial)``
+    when a trial ends (completed, stopped or errored) and ``on_restart(trial)`` when Tune restarts
+    a failed trial from its checkpoint; a ``None`` line is not printed."""
     from ray.tune import Callback
 
     def emit(line: str | None) -> None:
@@ -65,5 +67,9 @@ def line_printer(
         def on_trial_error(self, iteration, trials, trial, **info):
             if on_end is not None:
                 emit(on_end(trial))
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            if on_restart is not None:
+                emit(on_restart(trial))
 
     return LinePrinter()
