@@ -292,7 +292,7 @@ def execute(
         interruption = TuneInterruption()
         try:
             if remaining > 0:
-                with interruption.watched():
+                with interruption.watched(), _filtering(DeadProcessTraceback(), DeadProcessTraceback.LOGGERS):
                     _tune(run, storage, cache, remaining, concurrent, trackers)
         finally:
             if interruption.seen:  # Tune lets go of its running trials without a word to the searcher
@@ -373,7 +373,7 @@ class TuneInterruption(logging.Filter):
 
     @contextmanager
     def watched(self) -> Iterator[None]:
-        with _filtering(self, self._TUNE_LOGGERS), _filtering(DeadProcessTraceback(), DeadProcessTraceback.LOGGERS):
+        with _filtering(self, self._TUNE_LOGGERS):
             yield
 
 
