@@ -53,7 +53,6 @@ TRIAL_KILLS = {"trial": TRIAL_PROCESS, "ddp_worker": DDP_WORKER}
 # CPUs per trial by workers: a DDP trial's actor takes 0.01 more, so 0.98 keeps two trials on two CPUs.
 CPUS_PER_TRIAL = {1: 1.0, 2: 0.98}
 SWEEP_NAME = "chaos"
-NO_PROCESS_TIMEOUT_S = 120  # how long a kill waits for a process of its kind to be alive
 
 
 # --------------------------------------------------------------------------- processes
