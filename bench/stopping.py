@@ -1,21 +1,25 @@
 """Early-termination policies replayed on the whole curves of sweeps run without early termination.
 
-    python -m bench.stopping [--seeds 9 10 11 12 13 14] [--num-samples 12] [--max-epochs 32] [--results DIR]
+    python -m bench.stopping [--seeds 9 10 11 12 13 14] [--num-samples 12] [--max-epochs N] [--results DIR]
     python -m bench.stopping --replay-only RUN_DIR [RUN_DIR ...] [--live LIVE_DIR] [--write]
+    python -m bench.stopping --replay-json [bench/stopping.json]
 
 The full run (1) records one seeded sweep per sampler seed with ``--early-stop none``, so every
 trial's whole curve lands in its ``epochs.csv``: ``dip_sbd --smoke`` (16^3 phantom, tiny model)
 with the Gaussian's sigma^2 searched up to 1e5 and the likelihood between mean-reduced MSE and
 the Gaussian, so that collapse is reached through either likelihood (the sigma-VAE's sigma^2_eff,
-beta x recon, stays far below lambda_1 on this phantom: its trials never collapse there), and a
-collapse rule with the patience and grace of 32-epoch trials (:data:`RECORDING_RULE`);
+beta x recon, stays far below lambda_1 on this phantom: its trials never collapse there), on the
+sweep's own budget (100 epochs for dip_sbd) with its collapse rule's patience and grace for that
+budget and the smoke's thresholds for the tiny model;
 (2) replays each policy on those curves -- the collapse rule at several settings, the collapse
 predicted from the data's spectrum (``sweeps.prediction``), both (the sweep's default), ASHA,
 median stopping, and two oracles; (3) runs the first seed again with the sweep's default early
 stop and sets its real epochs and statuses beside the replay's; (4) writes
 ``bench/stopping.json`` and its section of ``bench/RESULTS.md``. ``--replay-only`` replays runs
 recorded with ``--early-stop none`` (and compares a run with the default early stop, ``--live``)
-and prints the tables; with ``--write`` it writes them as the full run does.
+and prints the tables; with ``--write`` it writes them as the full run does. ``--replay-json``
+replays the curves ``stopping.json`` keeps (every column a replay reads) and prints the tables: the
+policies, and the rule itself, can be changed and judged again without recording anything.
 
 A trial *ends collapsed* when the sweep's own collapse rule, applied to its whole curve, calls it
 collapsed (:func:`sweeps.collapse_rule.trial_outcome`: the status a sweep with that rule would give it
@@ -61,7 +65,7 @@ from sweeps.prediction import exemption, sigma2_eff
 from sweeps.search import PREDICTION_KEYS
 from sweeps.selection import best_index, pareto_front
 from sweeps.space import RUN_NAME, Scalar
-from sweeps.spec import Constraint, Sweep, sweep_path
+from sweeps.spec import Constraint, Sweep, load_sweep, sweep_path
 from vae.config import ConfigError
 from vae.data.spectrum import Spectrum
 
@@ -84,14 +88,17 @@ CURVE_METRICS = ("au", "kl_raw", "recon_mu")  # compared between the recorded an
 # Each trial's epochs as kept in stopping.json (the semantic probe when the data have factors).
 RECORDED_KEYS = ("epoch", "au", "kl_raw", "recon_mu", VALIDATION_LOSS, "kl_weight", "dip_weight", "capacity",
                  "z_sensitivity", "channel_nats", "semantic_r2")
+LAST_KEYS = ("epoch", "status", "diverged_term")  # of a trial's last epochs.csv row, as a replay reads them
 TARGET_SHARE = 0.25  # the default policy's target: at most this share of none's epochs on collapsed trials
 MOONSHOT_SHARE = 0.10
 # The recording's search space: dip_sbd's, with collapse reachable through the Gaussian too.
 RECORDING_SPACE = {LIKELIHOOD: {"choices": ["mse_mean", "gaussian"]}}
 RECORDING_SIGMA2_HIGH = 1.0e5
-# Its collapse rule: the smoke thresholds, with the patience and grace of 32-epoch trials (16-epoch
-# trials showed codes that open only after 8 collapsed epochs; the smoke's patience 2 killed them).
-RECORDING_RULE = {"patience": 8, "grace_epochs": 4}
+# Its collapse rule: the smoke thresholds (for the tiny model) with the patience and grace the sweep
+# gives its full budget (the smoke's, for 4-epoch trials, kill codes that open after a few epochs).
+RULE_TIMING = ("patience", "grace_epochs")
+# Checkpoints and panels less often than the smoke's every epoch: they change no curve, and cost time.
+RECORDING_OVERRIDES = {"train.checkpoint_every": 10, "train.image_every": 25}
 
 Stops = dict[str, int]  # trial_id -> the epoch after which a policy stops it (absent: it runs every epoch)
 
@@ -245,9 +252,24 @@ def collapse_stops(curves: Sequence[Curve], rule: CollapseRule) -> Stops:
     return {c.trial_id: stop for c in curves if (stop := collapse_stop(c, rule)) is not None}
 
 
+def waiting_for_every_schedule(sweep: Sweep, curve: Curve) -> Curve:
+    """``curve`` as a collapse rule sees it that waits for every schedule, the KL weight's rise and any DIP
+    weight (DIP-II's too), before its grace: each epoch short of that is marked an unsettled DIP-I ramp."""
+    dip = sweep.experiment_for(curve.params).objective.dip.kind != "none"
+    every = replace(curve.targets, dip_i=dip)
+    rows = tuple({**row, "dip_weight": float(at_full_strength(row, every))} for row in curve.rows)
+    return replace(curve, rows=rows, targets=replace(curve.targets, dip_i=True))
+
+
+def predicted_then_waiting_rule(sweep: Sweep, rule: CollapseRule, predicted: set[str],
+                                curves: Sequence[Curve]) -> Stops:
+    """The sweep's default with a collapse rule that waits for every schedule (:func:`waiting_for_every_schedule`)."""
+    return predicted_then_rule(rule, predicted, [waiting_for_every_schedule(sweep, c) for c in curves])
+
+
 def collapse_floor(curve: Curve, rule: CollapseRule) -> int | None:
-    """The earliest epoch ``rule`` could stop ``curve`` were it collapsed in every epoch: the
-    schedules' first full-strength epoch, plus the grace, plus the patience."""
+    """The earliest epoch ``rule`` could stop ``curve`` were it collapsed in every epoch: the first epoch
+    its opening schedules are settled, plus the grace, plus ``patience`` epochs at full strength."""
     collapsed = tuple({**row, "au": rule.au_min or 0.0, "kl_raw": rule.kl_min} for row in curve.rows)
     return collapse_stop(replace(curve, rows=collapsed), rule)
 
@@ -392,7 +414,8 @@ def per_run(replay: Callable[[Sequence[Curve]], Stops], curves: Sequence[Curve])
 @dataclass(frozen=True)
 class Policy:
     name: str
-    kind: str  # none | collapse | predict | predict+collapse | oracle | asha | median | collapse+asha
+    # none | collapse | predict | predict+collapse(-waiting) | oracle | asha | median | collapse+asha
+    kind: str
     settings: Mapping[str, Any]
     replay: Callable[[Sequence[Curve]], Stops]
 
@@ -427,6 +450,9 @@ def policies(sweep: Sweep, predicted: set[str], ends: Mapping[str, str]) -> list
         Policy("none", "none", {}, _no_stops),
         Policy(default_policy_name(rule), "predict+collapse", {**prediction, "collapse": rule.model_dump()},
                partial(predicted_then_rule, rule, predicted)),
+        Policy(f"{default_policy_name(rule).split(' (')[0]}, waiting for the KL warm-up and DIP-II too",
+               "predict+collapse-waiting", {**prediction, "collapse": rule.model_dump()},
+               partial(predicted_then_waiting_rule, sweep, rule, predicted)),
         Policy("prediction alone (stop after epoch 1)", "predict", prediction, partial(predicted_stops, predicted=predicted)),
     ]
     variants = dict.fromkeys([(rule.patience, rule.grace_epochs), *RULE_VARIANTS])
@@ -608,8 +634,8 @@ def curve_difference(a: Curve, b: Curve) -> float | None:
 
 def write_recording_sweep(sweep_name: str, folder: Path) -> Path:
     """The sweep the benchmark records: ``sweep_name``'s file with :data:`RECORDING_SPACE`, the
-    Gaussian's sigma^2 up to :data:`RECORDING_SIGMA2_HIGH` and the smoke collapse rule's patience and
-    grace of :data:`RECORDING_RULE`, as ``<folder>/<name>_recording.yaml``."""
+    Gaussian's sigma^2 up to :data:`RECORDING_SIGMA2_HIGH`, the smoke collapse rule with the full
+    rule's patience and grace, and :data:`RECORDING_OVERRIDES`, as ``<folder>/<name>_recording.yaml``."""
     source = sweep_path(sweep_name)
     raw = yaml.safe_load(source.read_text())
     space = raw.get("space") or {}
@@ -617,8 +643,12 @@ def write_recording_sweep(sweep_name: str, folder: Path) -> Path:
         raise ConfigError(f"{source}: space has no objective.sigma2 to widen; record a sweep that searches it")
     space.update(RECORDING_SPACE)
     space["objective.sigma2"] = {**space["objective.sigma2"], "high": RECORDING_SIGMA2_HIGH}
-    smoke_stop = raw.setdefault("smoke", {}).setdefault("early_stop", {})
-    smoke_stop["collapse"] = {**smoke_stop.get("collapse", {}), **RECORDING_RULE}
+    smoke = raw.setdefault("smoke", {})
+    smoke_stop = smoke.setdefault("early_stop", {})
+    full_rule = (raw.get("early_stop") or {}).get("collapse") or {}
+    timing = {key: full_rule[key] for key in RULE_TIMING if key in full_rule}
+    smoke_stop["collapse"] = {**smoke_stop.get("collapse", {}), **timing}
+    smoke["overrides"] = {**(smoke.get("overrides") or {}), **RECORDING_OVERRIDES}
     raw["description"] = f"{source.stem} with collapse reachable through the Gaussian (bench/stopping.py)"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{source.stem}_recording.yaml"
@@ -692,7 +722,8 @@ def markdown(result: Mapping[str, Any]) -> str:
         "## Stopping policies by replay (`bench/stopping.py`)",
         "",
         f"- Date: {result['date']}; machine: {result['machine']} (epochs are exact; wall times are noisy)",
-        f"- Command: `{result['command']}`",
+        f"- Command: `{result['command']}`; every table below again from the curves this benchmark keeps: "
+        f"`python -m bench.stopping --replay-json`",
         f"- Recording: {len(rec['runs'])} sweeps (sampler seeds {', '.join(str(r['seed']) for r in rec['runs'])}) of "
         f"{result['sweep']}, {len(trials)} trials x {rec['epochs']} epochs, {result['setting']}, no early "
         f"termination; e.g. {_run(rec['runs'][0])}.",
@@ -730,6 +761,7 @@ def targets_lines(result: Mapping[str, Any]) -> list[str]:
     policies_by_kind = {p["kind"]: p for p in rep["policies"]}
     default = policies_by_kind["predict+collapse"]
     rule_alone = next(p for p in rep["policies"] if p["kind"] == "collapse" and p["settings"] == result["rule"])
+    waiting = policies_by_kind["predict+collapse-waiting"]
     oracles = [p for p in rep["policies"] if p["kind"] == "oracle"]
     misses = []
     if default["collapsed_share"] is None or default["collapsed_share"] > TARGET_SHARE:
@@ -745,7 +777,9 @@ def targets_lines(result: Mapping[str, Any]) -> list[str]:
         f"{': ' + '; '.join(misses) if misses else ''}: {_percent(default['collapsed_share'])} of the epochs, "
         f"{len(default['false_kills'])} false kills of {default['healthy_trials']} healthy trials (rate <= "
         f"{_percent(default['false_kill_upper_95'])} at 95 %); moonshot <= {100 * MOONSHOT_SHARE:.0f} %: "
-        f"{'met' if moonshot else 'not met'}. The rule alone spends {_percent(rule_alone['collapsed_share'])}; "
+        f"{'met' if moonshot else 'not met'}. Waiting for the KL warm-up and DIP-II too (which cannot open a "
+        f"collapsed code) it would spend {_percent(waiting['collapsed_share'])} with {len(waiting['false_kills'])} "
+        f"false kills. The rule alone spends {_percent(rule_alone['collapsed_share'])}; "
         + "; ".join(f"{p['policy']}: {_percent(p['collapsed_share'])}" for p in oracles) + ".",
     ]
 
@@ -827,14 +861,17 @@ def setting(sweep: Sweep) -> str:
 
 
 def _number(value: float) -> float | None:
-    """A JSON number: NaN (a metric an epoch does not have) is null."""
-    return None if math.isnan(value) else float(f"{value:.6g}")
+    """A JSON number: NaN (a metric an epoch does not have) is null. Ten significant digits keep a replay
+    from the JSON exact: a schedule weight is at full strength within 1e-9 of its target."""
+    return None if math.isnan(value) else float(f"{value:.10g}")
 
 
 def trial_records(sweep: Sweep, spectrum: Spectrum | None, curves: Sequence[Curve],
                   replayed: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Each trial: its parameters, how it ends, its sigma^2_eff against lambda_1 and every epoch's row."""
+    """Each trial: its parameters, how it ends, its sigma^2_eff against lambda_1 and every epoch's row (the
+    columns any replay reads, so :func:`load_json` can replay them again)."""
     rule, predicted = sweep.spec.early_stop.collapse, set(replayed["predicted"])
+    keys = list(dict.fromkeys([*RECORDED_KEYS, *metric_keys(sweep)]))
     out = []
     for c in curves:
         cfg = sweep.experiment_for(c.params)
@@ -845,7 +882,8 @@ def trial_records(sweep: Sweep, spectrum: Spectrum | None, curves: Sequence[Curv
             "ends": replayed["ends"][c.trial_id], "epochs": c.epochs,
             "sigma2_eff": s2, "ratio": None if s2 is None or spectrum is None else s2 / spectrum.top,
             "exempt": exemption(cfg, rule), "predicted": c.trial_id in predicted,
-            "rows": [{key: _number(row.get(key, math.nan)) for key in RECORDED_KEYS} for row in c.rows],
+            "status": c.status, "last": {key: c.last.get(key, "") for key in LAST_KEYS},
+            "rows": [{key: _number(row.get(key, math.nan)) for key in keys} for row in c.rows],
         })
     return out
 
@@ -879,6 +917,38 @@ def figure(result: Mapping[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def evaluate_curves(sweep: Sweep, curves: Sequence[Curve], runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Every policy replayed on ``curves`` of the recorded ``runs`` of ``sweep``: what stopping.json holds."""
+    spectrum = spectrum_of(sweep)
+    replayed = replay(sweep, curves, spectrum)
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
+        "command": shlex.join(["python", "-m", "bench.stopping", *sys.argv[1:]]), "sweep": sweep.name,
+        "setting": setting(sweep), "objectives": sweep.objectives, "rule": sweep.spec.early_stop.collapse.model_dump(),
+        "margin": sweep.spec.early_stop.predict_margin,
+        "spectrum": None if spectrum is None else spectrum.to_json(),
+        "policies": policy_summary(replayed),
+        "recording": {"runs": list(runs), "epochs": sweep.epochs, "sweep_record": sweep.record(),
+                      "trials": trial_records(sweep, spectrum, curves, replayed)},
+        "replay": replayed,
+    }
+
+
+def load_json(path: Path) -> tuple[Sweep, list[Curve], list[dict[str, Any]]]:
+    """The recorded sweep, its curves and runs as ``stopping.json`` at ``path`` keeps them (:func:`trial_records`)."""
+    try:
+        recording = json.loads(path.read_text())["recording"]
+        sweep = Sweep.from_record(recording["sweep_record"])
+        curves = [Curve(t["trial_id"], t["number"], t["params"], ScheduleTargets.of(sweep.experiment_for(t["params"])),
+                        tuple({k: math.nan if v is None else v for k, v in row.items()} for row in t["rows"]),
+                        t["last"], t["status"], t["run"])
+                  for t in recording["trials"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{path}: not a stopping.json this benchmark can replay ({type(err).__name__}: {err}); "
+                          "record the sweeps again (python -m bench.stopping)") from None
+    return sweep, curves, recording["runs"]
+
+
 def evaluate(record_dirs: Sequence[Path], live_dir: Path | None) -> dict[str, Any]:
     """Replay the recordings in ``record_dirs`` together and compare the live run in ``live_dir`` (if any)."""
     print(f"\n== replaying the policies on {', '.join(map(str, record_dirs))}", flush=True)
@@ -892,20 +962,8 @@ def evaluate(record_dirs: Sequence[Path], live_dir: Path | None) -> dict[str, An
     curves = [c for _, run_curves, _ in runs for c in run_curves]
     if len({c.trial_id for c in curves}) < len(curves):
         raise ConfigError("two recorded runs share a folder name; give runs with distinct names")
-    spectrum = spectrum_of(sweep)
-    replayed = replay(sweep, curves, spectrum)
-    rule = sweep.spec.early_stop.collapse
-    result: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
-        "command": shlex.join(["python", "-m", "bench.stopping", *sys.argv[1:]]), "sweep": sweep.name,
-        "setting": setting(sweep), "objectives": sweep.objectives, "rule": rule.model_dump(),
-        "margin": sweep.spec.early_stop.predict_margin,
-        "spectrum": None if spectrum is None else spectrum.to_json(),
-        "policies": policy_summary(replayed),
-        "recording": {"runs": [info for _, _, info in runs], "epochs": sweep.epochs,
-                      "trials": trial_records(sweep, spectrum, curves, replayed)},
-        "replay": replayed,
-    }
+    result = evaluate_curves(sweep, curves, [info for _, _, info in runs])
+    rule, replayed = sweep.spec.early_stop.collapse, result["replay"]
     if live_dir is not None:
         live_sweep, live, live_run = load_run(live_dir)
         early = live_sweep.spec.early_stop
@@ -925,7 +983,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[9, 10, 11, 12, 13, 14],
                         help="one recorded sweep per TPE sampler seed; the first is also run live")
     parser.add_argument("--num-samples", type=int, default=12, help="trials per recorded sweep")
-    parser.add_argument("--max-epochs", type=int, default=32, help="epochs per trial")
+    parser.add_argument("--max-epochs", type=int, help="epochs per trial (default: the sweep's budget)")
     parser.add_argument("--results", type=Path, help="where the runs go (default: a new temporary folder)")
     parser.add_argument("--replay-only", type=Path, nargs="+", metavar="RUN_DIR",
                         help="replay these runs (recorded with --early-stop none) and print the tables")
@@ -933,7 +991,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "sweep and a recorded seed with the default early stop, to compare")
     parser.add_argument("--write", action="store_true", help="with --replay-only: write stopping.json, "
                         "stopping.png and the section of RESULTS.md too (the full run always does)")
+    parser.add_argument("--replay-json", type=Path, nargs="?", const=JSON_PATH, metavar="JSON",
+                        help=f"replay the curves a stopping.json keeps (default {JSON_PATH.relative_to(ROOT)}) and "
+                             "print the tables")
     args = parser.parse_args(argv)
+    if args.replay_json and args.replay_only:
+        parser.error("give --replay-json or --replay-only, not both")
     if (args.live or args.write) and not args.replay_only:
         parser.error("--live and --write go with --replay-only")
     return args
@@ -943,6 +1006,7 @@ def record(args: argparse.Namespace) -> tuple[list[Path], Path]:
     """Record one sweep per seed without early termination, then the first seed live; their folders."""
     args.results = (args.results or Path(tempfile.mkdtemp(prefix="stopping-"))).resolve()
     sweep_file = write_recording_sweep(args.sweep, args.results)
+    args.max_epochs = args.max_epochs or load_sweep(args.sweep).epochs
     sweep_dir = args.results / sweep_file.stem
     steps = len(args.seeds) + 1
     for i, seed in enumerate(args.seeds, start=1):
@@ -957,7 +1021,9 @@ def record(args: argparse.Namespace) -> tuple[list[Path], Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        if args.replay_only:
+        if args.replay_json:
+            result = evaluate_curves(*load_json(args.replay_json))
+        elif args.replay_only:
             result = evaluate([d.resolve() for d in args.replay_only], args.live and args.live.resolve())
         else:
             result = evaluate(*record(args))
@@ -968,7 +1034,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED
     text = markdown(result)
-    if args.replay_only and not args.write:
+    if args.replay_json or (args.replay_only and not args.write):
         print(text)
         return EXIT_OK
     publish(HERE, SECTION, result, text)

@@ -8,15 +8,21 @@ criteria, each enough on its own when given: ``channel_nats <= channel_min`` (th
 channel information, scale-free: under free bits the KL can sit at the floor with mu shifted by a
 constant that carries nothing, as a 20-epoch sweep measured at KL_raw 8.7 nats and 0.00 channel
 nats), and ``z_sensitivity <= z_sensitivity_min`` (the decoder output hardly moves with z:
-decode(mu) is the template decode(0), whatever the code holds). The
-rule may stop it only once its KL and DIP schedules are at full strength: an epoch is at
-full strength when the reported KL weight has reached beta, the capacity (if annealed)
-C_max and the DIP weight (if any) 1. The first such epoch opens a grace period of
-``grace_epochs``; after it, every collapsed full-strength epoch adds one to the streak,
-a healthy epoch resets it, and a collapsed epoch on a ramp of cyclical annealing (weight
-below beta) neither counts nor resets. The trial stops when the streak reaches
-``patience``, so with cyclical annealing only the plateaus count, and a trial that revives
-on the next ramp starts again from zero. (Give a patience longer than one plateau to
+decode(mu) is the template decode(0), whatever the code holds).
+
+The rule waits only for the schedules that could still pull a collapsed code open: capacity
+annealing (gamma |KL - C| rewards KL up to C) until C reaches C_max, and DIP-I's weight until
+it reaches 1 (its diagonal term lambda_d (Var(mu_j) - 1)^2 makes a constant mu cost lambda_d per
+dimension). It does not wait for a KL weight on its way up to beta (more weight only presses
+harder toward collapse) nor for DIP-II's (its covariance, Cov(mu) + E[sigma^2], is the identity
+at collapse: no cost, no pull); the same reasons decide what ``sweeps.prediction`` exempts.
+The first epoch in which those schedules are *settled* opens a grace period of
+``grace_epochs``; after it, every collapsed epoch at full strength (settled, and the KL weight
+at beta) adds one to the streak, a healthy epoch resets it, and a collapsed epoch with the KL
+weight below beta (a warm-up, or a ramp of cyclical annealing, which starts again from zero
+and may let the code reopen) neither counts nor resets. The trial stops when the streak
+reaches ``patience``, so with cyclical annealing only the plateaus count, and a trial that
+revives on the next ramp starts again from zero. (Give a patience longer than one plateau to
 demand that the collapse survive a ramp.) A trial whose budget ends before the streak
 reaches ``patience`` but whose last epoch is collapsed is collapsed too ("at the end").
 
@@ -48,7 +54,7 @@ class CollapseRule(Section):
     # ... or, when given, a z-sensitivity (||decode(mu) - decode(0)||^2 / data variance) at or below this
     z_sensitivity_min: float | None = Field(None, ge=0)
     patience: int = Field(3, ge=1)  # collapsed full-strength epochs in a row that stop the trial
-    grace_epochs: int = Field(0, ge=0)  # epochs ignored after the schedules first reach full strength
+    grace_epochs: int = Field(0, ge=0)  # epochs ignored after the schedules that can open a code settle
 
     def criterion(self) -> str:
         """The per-epoch condition, for people."""
@@ -58,31 +64,43 @@ class CollapseRule(Section):
         return f"{au}KL_raw <= {self.kl_min:g} nats{channel}{decoder}"
 
 
+def dip_pulls_collapse_open(cfg: ExperimentConfig) -> bool:
+    """DIP-I with a diagonal term: lambda_d (Var(mu_j) - 1)^2 makes a constant mu cost lambda_d per
+    dimension. (DIP-II's covariance, Cov(mu) + E[sigma^2], is the identity at collapse: no cost, no pull.)"""
+    dip = cfg.objective.dip
+    return dip.kind == "i" and dip.lambda_diag > 0
+
+
 @dataclass(frozen=True)
 class ScheduleTargets:
-    """The full-strength values of one experiment's KL, capacity and DIP schedules."""
+    """The full-strength values of one experiment's KL and capacity schedules, and whether a DIP-I
+    weight pulls a collapsed code open (see the module docstring)."""
 
     beta: float
     capacity_max: float | None
-    dip: bool
+    dip_i: bool
 
     @staticmethod
     def of(cfg: ExperimentConfig) -> ScheduleTargets:
-        objective = cfg.objective
-        return ScheduleTargets(objective.kl.beta, objective.kl.capacity_max, objective.dip.kind != "none")
+        kl = cfg.objective.kl
+        return ScheduleTargets(kl.beta, kl.capacity_max, dip_pulls_collapse_open(cfg))
 
 
 def _reached(value: float, target: float) -> bool:
     return value >= target * (1.0 - _FULL_TOLERANCE)
 
 
-def at_full_strength(row: Mapping[str, float], targets: ScheduleTargets) -> bool:
-    """Whether the epoch ``row`` (its reported ``kl_weight``, ``capacity``, ``dip_weight``) ran at full strength."""
-    if not _reached(row["kl_weight"], targets.beta):
-        return False
+def settled(row: Mapping[str, float], targets: ScheduleTargets) -> bool:
+    """Whether, in the epoch ``row``, every schedule that could pull a collapsed code open (its reported
+    ``capacity``, and ``dip_weight`` under DIP-I) has reached full strength."""
     if targets.capacity_max is not None and not _reached(row["capacity"], targets.capacity_max):
         return False
-    return not targets.dip or _reached(row["dip_weight"], 1.0)
+    return not targets.dip_i or _reached(row["dip_weight"], 1.0)
+
+
+def at_full_strength(row: Mapping[str, float], targets: ScheduleTargets) -> bool:
+    """Whether the epoch ``row`` is settled and ran with its reported ``kl_weight`` at beta."""
+    return _reached(row["kl_weight"], targets.beta) and settled(row, targets)
 
 
 def is_collapsed(row: Mapping[str, float], rule: CollapseRule) -> bool:
@@ -96,16 +114,15 @@ def collapse_streak(rows: Sequence[Mapping[str, float]], rule: CollapseRule, tar
     """Collapsed full-strength epochs in a row at the end of ``rows`` (see the module docstring)."""
     streak, grace_ends = 0, None
     for i, row in enumerate(rows):
-        full = at_full_strength(row, targets)
         if grace_ends is None:
-            if not full:
+            if not settled(row, targets):
                 continue
             grace_ends = i + rule.grace_epochs
         if i < grace_ends:
             continue
         if not is_collapsed(row, rule):
             streak = 0
-        elif full:
+        elif at_full_strength(row, targets):
             streak += 1
     return streak
 

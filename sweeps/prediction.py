@@ -35,7 +35,7 @@ from vae.config import ExperimentConfig
 from vae.data.spectrum import Spectrum
 from vae.objectives import effective_sigma2
 
-from .collapse_rule import CollapseRule
+from .collapse_rule import CollapseRule, dip_pulls_collapse_open
 
 PREDICTION_PREFIX = "predicted: "
 
@@ -76,8 +76,7 @@ def exemption(cfg: ExperimentConfig, rule: CollapseRule) -> str | None:
     threshold = max(rule.kl_min, rule.channel_min or 0.0)
     if free_nats(cfg) > threshold:
         return f"its KL floor of {free_nats(cfg):.3g} nats exceeds the collapse rule's {threshold:g}"
-    dip = cfg.objective.dip
-    if dip.kind == "i" and dip.lambda_diag > 0:
+    if dip_pulls_collapse_open(cfg):
         return "DIP-I's diagonal term makes a constant mu cost lambda_d per dimension"
     return None
 

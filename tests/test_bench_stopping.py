@@ -25,14 +25,15 @@ from optuna.trial import TrialState
 
 from bench.stopping import (
     Curve, account, asha_rungs, asha_stops, best_of, collapse_floor, collapse_stop, collapse_stops, ending_status,
-    false_kill_bound, first_epoch_oracle, front_of, judge, main, median_stops, oracle_stops, per_run,
-    predicted_stops, predicted_then_rule, read_csv, write_recording_sweep,
+    evaluate, evaluate_curves, false_kill_bound, first_epoch_oracle, front_of, judge, load_json, main, median_stops,
+    oracle_stops, per_run, predicted_stops, predicted_then_rule, read_csv, waiting_for_every_schedule,
+    write_recording_sweep,
 )
 from helpers import REPO, ray_folder
 from sweeps.collapse_rule import CollapseRule, ScheduleTargets
 from sweeps.spec import Constraint, load_sweep
 
-DIP = ScheduleTargets(beta=1.0, capacity_max=None, dip=True)
+DIP = ScheduleTargets(beta=1.0, capacity_max=None, dip_i=True)  # DIP-I: its ramp is waited for
 OBJECTIVES = [("au", "max"), ("recon_mu", "min")]
 
 
@@ -82,6 +83,23 @@ def test_cyclical_ramps_neither_count_nor_reset():
     ramp = {**COLLAPSED, "kl_weight": 0.5}
     c = curve("t", 0, [COLLAPSED, ramp, ramp, COLLAPSED, {}])
     assert collapse_stop(c, RULE) == 4  # epochs 1 and 4 in a row, the ramp in between skipped
+
+
+def test_the_rule_as_it_waited_for_every_schedule():
+    """DIP-II ramping up over epochs 1-3 and the KL weight warming up over 1-2: today's rule waits for
+    neither (they cannot open a collapsed code); the replayed variant waits for both, DIP-I and capacity
+    as before."""
+    sweep = load_sweep("dip_sbd", smoke=True)
+    ramps = [{**COLLAPSED, "kl_weight": 0.5, "dip_weight": 0.0}, {**COLLAPSED, "kl_weight": 0.9, "dip_weight": 0.5},
+             {**COLLAPSED, "dip_weight": 0.8}] + [COLLAPSED] * 3
+    dip_ii = replace(curve("t", 0, ramps), params={"objective.dip.kind": "ii"},
+                     targets=ScheduleTargets(1.0, None, dip_i=False))
+    assert collapse_stop(dip_ii, RULE) == 4  # epochs 3 and 4: the KL weight at beta, DIP-II not waited for
+    waiting = waiting_for_every_schedule(sweep, dip_ii)
+    assert collapse_stop(waiting, RULE) == 5  # epochs 4 and 5: every schedule at full strength
+    assert collapse_stop(waiting, RULE.model_copy(update={"grace_epochs": 1})) == 6
+    dip_i = replace(dip_ii, params={"objective.dip.kind": "i"}, targets=DIP)
+    assert collapse_stop(dip_i, RULE) == collapse_stop(waiting_for_every_schedule(sweep, dip_i), RULE) == 5
 
 
 def test_ending_status_is_the_sweeps_verdict_on_the_whole_curve():
@@ -325,8 +343,10 @@ def test_the_recording_sweep_reaches_collapse_through_the_gaussian(tmp_path):
     likelihood = next(p for p in sweep.space.params if p.name == "objective.likelihood")
     sigma2 = next(p for p in sweep.space.params if p.name == "objective.sigma2")
     assert list(likelihood.choices) == ["mse_mean", "gaussian"] and sigma2.high == 1e5
-    rule = sweep.spec.early_stop.collapse
-    assert (rule.patience, rule.grace_epochs) == (8, 4) and rule.kl_min == 1.0  # the smoke thresholds
+    rule, full_rule = sweep.spec.early_stop.collapse, load_sweep("dip_sbd").spec.early_stop.collapse
+    assert (rule.patience, rule.grace_epochs) == (full_rule.patience, full_rule.grace_epochs)  # the full budget's
+    assert rule.kl_min == load_sweep("dip_sbd", smoke=True).spec.early_stop.collapse.kl_min  # the smoke threshold
+    assert sweep.experiment.train.checkpoint_every == 10  # checkpoints change no curve
     assert sweep.spec.enqueue == load_sweep("dip_sbd", smoke=True).spec.enqueue  # the audited point first
 
 
@@ -370,6 +390,30 @@ def test_replay_of_a_recorded_sweep(recording):
     assert written() == before  # --replay-only writes nothing without --write
 
 
+@pytest.mark.system
+def test_stopping_json_replays_as_its_runs_do(recording, tmp_path):
+    """What stopping.json keeps of each curve is enough to replay every policy again, figure for figure."""
+    result = evaluate([recording], None)
+    path = tmp_path / "stopping.json"
+    path.write_text(json.dumps(result))
+    again = evaluate_curves(*load_json(path))
+    assert again["replay"] == json.loads(json.dumps(result["replay"]))
+    assert again["recording"]["trials"] == json.loads(json.dumps(result["recording"]["trials"]))
+    done = bench("--replay-json", path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| prediction + collapse p2 g0 (the sweep's default) |" in done.stdout
+
+
+def test_the_committed_figures_are_what_the_code_replays():
+    """bench/stopping.json's curves, replayed by today's rule and policies, give the figures it states."""
+    path = REPO / "bench" / "stopping.json"
+    stored = json.loads(path.read_text())
+    again = evaluate_curves(*load_json(path))
+    assert len(again["recording"]["trials"]) >= 40
+    assert json.loads(json.dumps(again["policies"])) == stored["policies"]
+    assert again["replay"]["ends"] == stored["replay"]["ends"]
+
+
 def refused(capsys, *args: str) -> str:
     """The one error line of ``bench/stopping.py``'s main, which must exit 2."""
     assert main([str(a) for a in args]) == 2
@@ -380,6 +424,10 @@ def refused(capsys, *args: str) -> str:
 
 def test_a_folder_without_a_sweep_is_one_line_and_exit_2(tmp_path, capsys):
     assert "no sweep.json" in refused(capsys, "--replay-only", tmp_path / "nowhere")
+    (tmp_path / "old.json").write_text(json.dumps({"recording": {"runs": [], "trials": []}}))
+    old = refused(capsys, "--replay-json", tmp_path / "old.json")
+    assert "old.json: not a stopping.json this benchmark can replay" in old
+    assert "nowhere.json: not a stopping.json" in refused(capsys, "--replay-json", tmp_path / "nowhere.json")
 
 
 @pytest.mark.system

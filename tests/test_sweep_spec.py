@@ -290,7 +290,8 @@ def row(kl_weight=1.0, au=0.0, kl_raw=0.1, dip_weight=1.0, capacity=0.0, z_sensi
 
 HEALTHY = row(au=3.0, kl_raw=20.0)
 RULE = CollapseRule(au_min=0, kl_min=0.5, patience=3, grace_epochs=0)
-PLAIN = ScheduleTargets(beta=1.0, capacity_max=None, dip=False)
+PLAIN = ScheduleTargets(beta=1.0, capacity_max=None, dip_i=False)
+DIP_I = ScheduleTargets(beta=1.0, capacity_max=None, dip_i=True)
 
 
 @pytest.mark.parametrize(
@@ -302,12 +303,18 @@ PLAIN = ScheduleTargets(beta=1.0, capacity_max=None, dip=False)
         ([row(), row(), HEALTHY, row()], RULE, PLAIN, 1),
         # AU 0 alone is not collapse while the KL is large (the other way round neither)
         ([row(kl_raw=5.0), row(au=2.0)], RULE, PLAIN, 0),
-        # linear warm-up reaches beta in epoch 3; a grace of 1 epoch then ignores epoch 3
+        # a KL warm-up (weight rising to beta in epoch 3) cannot open a collapsed code: the grace (1 epoch)
+        # starts at once, and the warm-up's epochs neither count nor reset the streak
         ([row(kl_weight=0.3), row(kl_weight=0.7), row(), row(), row()], RULE.model_copy(update={"grace_epochs": 1}),
-         PLAIN, 2),
-        # DIP ramps up over epochs 1-2: those epochs never count
-        ([row(dip_weight=0.0), row(dip_weight=0.5), row(), row()], RULE, ScheduleTargets(1.0, None, True), 2),
-        # capacity below C_max is not full strength
+         PLAIN, 3),
+        ([row(kl_weight=0.3), HEALTHY | {"kl_weight": 0.7}, row(), row()], RULE, PLAIN, 2),  # a healthy one resets
+        # DIP-I ramps up over epochs 1-2 (its diagonal term pulls a constant mu open): the grace starts after
+        ([row(dip_weight=0.0), row(dip_weight=0.5), row(), row()], RULE, DIP_I, 2),
+        ([row(dip_weight=0.0), row(dip_weight=0.5), row(), row(), row()], RULE.model_copy(update={"grace_epochs": 1}),
+         DIP_I, 2),
+        # DIP-II's ramp is not waited for: at collapse its covariance is the identity, no cost and no pull
+        ([row(dip_weight=0.0), row(dip_weight=0.5), row(), row()], RULE, PLAIN, 4),
+        # capacity below C_max is not full strength (a rising C rewards KL: it can open the code)
         ([row(capacity=10.0), row(capacity=25.0), row(capacity=25.0)], RULE, ScheduleTargets(1.0, 25.0, False), 2),
         # beta may be 0: a zero weight is its full value
         ([row(kl_weight=0.0)] * 2, RULE, ScheduleTargets(0.0, None, False), 2),
@@ -326,6 +333,19 @@ PLAIN = ScheduleTargets(beta=1.0, capacity_max=None, dip=False)
 )
 def test_collapse_streak(rows, rule, targets, expected):
     assert collapse_streak(rows, rule, targets) == expected
+
+
+@pytest.mark.parametrize(
+    "overrides, dip_i",
+    [
+        (["objective.dip.kind=ii"], False),
+        (["objective.dip.kind=i"], True),
+        (["objective.dip.kind=i", "objective.dip.lambda_d=0"], False),  # no diagonal term, no pull
+        (["objective.dip.kind=none"], False),
+    ],
+)
+def test_only_dip_i_is_a_schedule_the_rule_waits_for(overrides, dip_i):
+    assert ScheduleTargets.of(load_experiment("exp2_dipvae_sbd", overrides)).dip_i is dip_i
 
 
 def test_cyclical_annealing_counts_only_the_plateaus():
