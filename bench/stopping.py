@@ -1,6 +1,7 @@
 """Early-termination policies replayed on the whole curves of sweeps run without early termination.
 
-    python -m bench.stopping [--seeds 9 10 11 12 13 14] [--num-samples 12] [--max-epochs N] [--results DIR]
+    python -m bench.stopping [--seeds 9 10 11 12 13 14] [--num-samples 12] [--max-epochs N]
+                             [--full] [--address ADDRESS] [--results DIR]
     python -m bench.stopping --replay-only RUN_DIR [RUN_DIR ...] [--live LIVE_DIR] [--write]
     python -m bench.stopping --replay-json [bench/stopping.json]
 
@@ -10,7 +11,8 @@ with the Gaussian's sigma^2 searched up to 1e5 and the likelihood between mean-r
 the Gaussian, so that collapse is reached through either likelihood (the sigma-VAE's sigma^2_eff,
 beta x recon, stays far below lambda_1 on this phantom: its trials never collapse there), on the
 sweep's own budget (100 epochs for dip_sbd) with its collapse rule's patience and grace for that
-budget and the smoke's thresholds for the tiny model;
+budget and the smoke's thresholds for the tiny model (``--full``: the sweep's own data, model,
+rule and resources, for a GPU cluster);
 (2) replays each policy on those curves -- the collapse rule at several settings, the collapse
 predicted from the data's spectrum (``sweeps.prediction``), both (the sweep's default), ASHA,
 median stopping, and two oracles; (3) runs the first seed again with the sweep's default early
@@ -658,10 +660,11 @@ def write_recording_sweep(sweep_name: str, folder: Path) -> Path:
 
 def sweep_command(args: argparse.Namespace, sweep_file: Path, seed: int, early_stop: str | None, run: str) -> list[str]:
     return [
-        sys.executable, str(ROOT / "sweeps" / "run.py"), str(sweep_file), "--smoke",
+        sys.executable, str(ROOT / "sweeps" / "run.py"), str(sweep_file), *([] if args.full else ["--smoke"]),
         *(["--early-stop", early_stop] if early_stop else []),
         "--seed", str(seed), "--num-samples", str(args.num_samples), "--max-epochs", str(args.max_epochs),
         "--results", str(args.results), "--run", run, "--no-dashboard",
+        *(["--address", args.address] if args.address else []),
     ]
 
 
@@ -979,11 +982,15 @@ def evaluate(record_dirs: Sequence[Path], live_dir: Path | None) -> dict[str, An
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.stopping", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sweep", default="dip_sbd", help="the sweep, run with --smoke (default: dip_sbd)")
+    parser.add_argument("--sweep", default="dip_sbd", help="the sweep recorded (default: dip_sbd)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[9, 10, 11, 12, 13, 14],
                         help="one recorded sweep per TPE sampler seed; the first is also run live")
     parser.add_argument("--num-samples", type=int, default=12, help="trials per recorded sweep")
     parser.add_argument("--max-epochs", type=int, help="epochs per trial (default: the sweep's budget)")
+    parser.add_argument("--full", action="store_true", help="record the sweep at its full settings (data, model, "
+                        "resources: a GPU cluster) instead of its smoke settings")
+    parser.add_argument("--address", help="the Ray cluster the sweeps join ('auto': the one running here; "
+                        "default: a local Ray of their own)")
     parser.add_argument("--results", type=Path, help="where the runs go (default: a new temporary folder)")
     parser.add_argument("--replay-only", type=Path, nargs="+", metavar="RUN_DIR",
                         help="replay these runs (recorded with --early-stop none) and print the tables")

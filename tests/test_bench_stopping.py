@@ -26,8 +26,8 @@ from optuna.trial import TrialState
 from bench.stopping import (
     Curve, account, asha_rungs, asha_stops, best_of, collapse_floor, collapse_stop, collapse_stops, ending_status,
     evaluate, evaluate_curves, false_kill_bound, first_epoch_oracle, front_of, judge, load_json, main, median_stops,
-    oracle_stops, per_run, predicted_stops, predicted_then_rule, read_csv, waiting_for_every_schedule,
-    write_recording_sweep,
+    oracle_stops, parse_args, per_run, predicted_stops, predicted_then_rule, read_csv, sweep_command,
+    waiting_for_every_schedule, write_recording_sweep,
 )
 from helpers import REPO, ray_folder
 from sweeps.collapse_rule import CollapseRule, ScheduleTargets
@@ -347,6 +347,12 @@ def test_the_recording_sweep_reaches_collapse_through_the_gaussian(tmp_path):
     assert (rule.patience, rule.grace_epochs) == (full_rule.patience, full_rule.grace_epochs)  # the full budget's
     assert rule.kl_min == load_sweep("dip_sbd", smoke=True).spec.early_stop.collapse.kl_min  # the smoke threshold
     assert sweep.experiment.train.checkpoint_every == 10  # checkpoints change no curve
+    smoke = parse_args(["--seeds", "3"])
+    assert "--smoke" in sweep_command(smoke, path, 3, "none", "seed-3")
+    assert "--address" not in sweep_command(smoke, path, 3, "none", "seed-3")
+    full = sweep_command(parse_args(["--full", "--address", "auto"]), path, 9, "none", "seed-9")
+    assert "--smoke" not in full and full[-2:] == ["--address", "auto"]
+    assert load_sweep(str(path)).spec.early_stop.collapse == load_sweep("dip_sbd").spec.early_stop.collapse
     assert sweep.spec.enqueue == load_sweep("dip_sbd", smoke=True).spec.enqueue  # the audited point first
 
 
